@@ -1,0 +1,73 @@
+"""The ``weakseg`` command: one sub-command per module in :mod:`weakseg.commands`.
+
+User mistakes (:class:`~weakseg.errors.WeaksegError`) print ``error: <message>`` and exit with status 2;
+everything else keeps its traceback, because it is a bug to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from weakseg import __version__
+from weakseg.errors import WeaksegError
+
+#: sub-command modules, in the order ``weakseg --help`` lists them.
+COMMANDS = ("demo", "make_data", "train", "pseudomasks", "evaluate", "refine")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weakseg",
+        description="Weakly supervised semantic segmentation with Vision Transformers (sparse gated ViT, DFC2020).",
+    )
+    parser.add_argument("--version", action="version", version=f"weakseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help="only warnings and results")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"weakseg.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("weakseg.commands"):
+                continue  # a command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("weakseg").setLevel(logging.WARNING if quiet else logging.INFO)
+    # Lightning's tips (worker counts, GPU availability) are noise for a CPU run of a small model.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is not georeferenced.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    setup_logging(args.quiet)
+    try:
+        return int(args.run(args) or 0)
+    except WeaksegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Reader for the IEEE GRSS Data Fusion Contest 2020 (DFC2020) Sentinel-1/2 land-cover dataset.
+
+Schmitt, Hughes, Ghamisi, Yokoya, Haensch, "IEEE GRSS Data Fusion Contest 2020", IEEE DataPort,
+doi:10.21227/rha7-m332 (CC-BY). Layout, dtypes and the 8-class remap follow ``datasets.md`` of the project
+reference:
+
+    ROIs0000_validation/{s1,s2,dfc}_validation/ROIs0000_validation_{s1,s2,dfc}_0_p{N}.tif
+    ROIs0000_test/{s1,s2,dfc}_0/ROIs0000_test_{s1,s2,dfc}_0_p{N}.tif
+
+Both spellings of the sensor folders (``s2_validation`` and ``s2_0``) are accepted, and the split folder is
+located below ``root`` whatever wrapping folders the download added (``__MACOSX`` is skipped). The geotransform
+is never used for reading (some distributed copies have none).
+
+Scaling (the project default, ``datasets.md`` section 2; the paper's per-image maximum is a normalisation option
+in :mod:`weakseg.data.normalization`): S1 dB clipped to [-25, 0] then ``(x + 25) / 25``; S2 clipped to
+[0, 10000] then ``/ 10000``. Non-finite pixels (NaN, inf) become 0 after scaling, and a warning names the file;
+a tile with no finite pixel at all is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, IGNORE_INDEX, remap_dfc
+from weakseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["s2", "s1s2"]
+S1_CLIP = (-25.0, 0.0)
+S2_CLIP = (0.0, 10000.0)
+_PATCH_RE = re.compile(r"^(?P<prefix>.+)_s2_(?P<scene>\d+)_p(?P<num>\d+)\.tiff?$")
+
+
+def read_raster(path: Path, expected_bands: int | None = None) -> np.ndarray:
+    """Read a raster as (C, H, W), turning every failure into a :class:`DataError` that names the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                arr = src.read()
+    except (RasterioIOError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if expected_bands is not None and arr.shape[0] != expected_bands:
+        raise DataError(f"{path} has {arr.shape[0]} bands, expected {expected_bands}")
+    return arr
+
+
+def scale_s1(s1: np.ndarray) -> np.ndarray:
+    """S1 sigma0 in dB -> [0, 1]: clip to [-25, 0] dB, then (x + 25) / 25."""
+    return ((np.clip(s1, *S1_CLIP) - S1_CLIP[0]) / (S1_CLIP[1] - S1_CLIP[0])).astype(np.float32)
+
+
+def scale_s2(s2: np.ndarray) -> np.ndarray:
+    """S2 reflectance x 10000 -> [0, 1]: clip to [0, 10000], then / 10000."""
+    return (np.clip(s2.astype(np.float32), *S2_CLIP) / S2_CLIP[1]).astype(np.float32)
+
+
+def replace_nonfinite(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Replace NaN/inf by 0 (after scaling: no signal), warning with the file name; all-NaN is an error."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return arr
+    if not finite.any():
+        raise DataError(f"{path} has no finite pixel (all NaN/inf): the tile cannot be used")
+    frac = 1.0 - finite.mean()
+    log.warning("%s: %.1f%% of the values are NaN/inf; they are set to 0", path, 100 * frac)
+    return np.where(finite, arr, 0.0).astype(arr.dtype)
+
+
+def multi_hot_from_mask(mask: torch.Tensor, num_classes: int, threshold: float = 0.10) -> torch.Tensor:
+    """Image-level labels by the >= 10 % rule (sparse-vit-wsss, citing arXiv 2104.00704).
+
+    Class c is present iff its pixel count divided by the **whole** crop area is >= ``threshold``; ignored
+    pixels (255) stay in the denominator and are never a label.
+
+    Args:
+        mask: (H, W) integer class ids, 255 = ignore.
+    Returns:
+        (num_classes,) float32 multi-hot.
+    """
+    flat = mask.reshape(-1).long()
+    valid = flat[flat != IGNORE_INDEX]
+    counts = torch.bincount(valid.clamp_max(num_classes), minlength=num_classes + 1)[:num_classes]
+    return (counts.float() / flat.numel() >= threshold).float()
+
+
+def find_split_root(root: Path, split: str) -> Path:
+    """Locate ``ROIs0000_<split>`` (or any folder holding the split's s2 folder) below ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist (--datadir)")
+    s2_names = _sensor_folder_names("s2", split)
+    candidates = [root] + [p for p in sorted(root.rglob("*")) if p.is_dir() and "__MACOSX" not in p.parts]
+    for cand in candidates:
+        if len(cand.relative_to(root).parts) > 3:
+            continue
+        if any((cand / n).is_dir() for n in s2_names):
+            return cand
+    raise DataError(
+        f"no DFC2020 '{split}' split below {root}: expected a folder ROIs0000_{split}/ with one of "
+        f"{', '.join(s2_names)} inside (official DFC2020 layout)"
+    )
+
+
+def _sensor_folder_names(sensor: str, split: str) -> list[str]:
+    names = [f"{sensor}_{split}", f"{sensor}_0"]
+    return list(dict.fromkeys(names))
+
+
+class DFC2020Dataset(torch.utils.data.Dataset):
+    """DFC2020 tiles as dict samples ``{'image', 'mask', 'label', 'id'}``.
+
+    Args:
+        root: folder that holds (possibly below wrapping folders) ``ROIs0000_<split>``.
+        split: "validation" (986 tiles) or "test" (5,128 tiles), or another split folder name.
+        modality: "s2" (13 channels) or "s1s2" (S2 then S1: 15 channels).
+        transform: callable on the sample dict (crop, augmentation, normalisation), applied before labels are
+            computed, so labels always describe the crop the model sees.
+        label_threshold: fraction of the crop a class must cover to be an image-level label.
+    """
+
+    class_names = DFC_CLASS_NAMES
+    class_colors = DFC_CLASS_COLORS
+    num_classes = len(DFC_CLASS_NAMES)
+    has_masks = True
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "validation",
+        modality: Modality = "s2",
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        label_threshold: float = 0.10,
+    ) -> None:
+        if modality not in ("s2", "s1s2"):
+            raise DataError(f"modality must be 's2' or 's1s2', got {modality!r}")
+        self.root = Path(root)
+        self.split = split
+        self.modality = modality
+        self.transform = transform
+        self.label_threshold = label_threshold
+        self.split_root = find_split_root(self.root, split)
+        self.s2_dir = self._sensor_dir("s2")
+        self.dfc_dir = self._sensor_dir("dfc")
+        self.s1_dir = self._sensor_dir("s1") if modality == "s1s2" else None
+        self._s2_files = self._list_s2_files()
+        self.ids = [self._tile_id(p) for p in self._s2_files]
+
+    # ---- discovery ------------------------------------------------------------------------------------
+    def _sensor_dir(self, sensor: str) -> Path:
+        for name in _sensor_folder_names(sensor, self.split):
+            if (self.split_root / name).is_dir():
+                return self.split_root / name
+        raise DataError(
+            f"{self.split_root} has no {sensor} folder (expected one of "
+            f"{', '.join(_sensor_folder_names(sensor, self.split))})"
+        )
+
+    def _list_s2_files(self) -> list[Path]:
+        files = []
+        for p in self.s2_dir.iterdir():
+            m = _PATCH_RE.match(p.name)
+            if m:
+                files.append((int(m["num"]), p))
+            elif p.suffix.lower() in (".tif", ".tiff"):
+                raise DataError(
+                    f"{p} does not follow the DFC2020 naming <season>_s2_<scene>_p<N>.tif "
+                    "(e.g. ROIs0000_validation_s2_0_p0.tif)"
+                )
+        if not files:
+            raise DataError(f"{self.s2_dir} holds no S2 tiles (*_s2_*_p<N>.tif): the split is empty")
+        return [p for _, p in sorted(files)]
+
+    @staticmethod
+    def _tile_id(s2_path: Path) -> str:
+        m = _PATCH_RE.match(s2_path.name)
+        assert m is not None
+        return f"{m['prefix']}_p{m['num']}"
+
+    def _paired(self, s2_path: Path, sensor: str, folder: Path) -> Path:
+        path = folder / s2_path.name.replace("_s2_", f"_{sensor}_")
+        if not path.is_file():
+            raise DataError(f"{path} is missing (the {sensor} file paired with {s2_path})")
+        return path
+
+    # ---- reading --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._s2_files)
+
+    def source_path(self, i: int) -> Path:
+        """The S2 file of tile ``i``: outputs copy its georeference."""
+        return self._s2_files[i]
+
+    def read_image(self, i: int) -> np.ndarray:
+        """Scaled image, float32 (C, H, W): 13 S2 bands, then the 2 S1 bands for ``modality='s1s2'``."""
+        s2_path = self._s2_files[i]
+        s2 = replace_nonfinite(scale_s2(read_raster(s2_path, 13)), s2_path)
+        if self.s1_dir is None:
+            return s2
+        s1_path = self._paired(s2_path, "s1", self.s1_dir)
+        s1 = replace_nonfinite(scale_s1(read_raster(s1_path, 2)), s1_path)
+        if s1.shape[1:] != s2.shape[1:]:
+            raise DataError(f"{s1_path} is {s1.shape[1]}x{s1.shape[2]} but {s2_path} is {s2.shape[1]}x{s2.shape[2]}")
+        return np.concatenate([s2, s1], axis=0)
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """8-class mask, uint8 (H, W), 255 = ignore (no data, Savanna, Snow/Ice)."""
+        s2_path = self._s2_files[i]
+        dfc_path = self._paired(s2_path, "dfc", self.dfc_dir)
+        return remap_dfc(read_raster(dfc_path, 1)[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.read_image(i)
+        mask = self.read_mask(i)
+        if mask.shape != image.shape[1:]:
+            raise DataError(
+                f"{self._paired(self._s2_files[i], 'dfc', self.dfc_dir)} is {mask.shape[0]}x{mask.shape[1]} but "
+                f"the image {self._s2_files[i]} is {image.shape[1]}x{image.shape[2]}"
+            )
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(image),
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "id": self.ids[i],
+            "index": i,
+        }
+        if self.transform is not None:
+            sample = self.transform(sample)
+        sample["label"] = multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold)
+        return sample
+
+    def plot(self, sample: dict[str, Any], path: str | Path) -> Path:
+        """Write true colour | mask (| prediction) for one sample as a PNG."""
+        from weakseg.viz.figures import plot_pseudomask_panel
+
+        masks = {"ground truth": sample["mask"].numpy().astype(np.uint8)}
+        if "prediction" in sample:
+            masks["prediction"] = np.asarray(sample["prediction"], dtype=np.uint8)
+        row = {"id": sample["id"], "image": sample["image"].numpy(), **masks}
+        return plot_pseudomask_panel([row], list(masks), self.class_names, self.class_colors, path)

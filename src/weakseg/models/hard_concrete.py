@@ -1,0 +1,96 @@
+"""Hard Concrete head gates and their L0 penalty.
+
+Louizos, Welling and Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018; applied to
+attention heads by Voita et al., "Analyzing Multi-Head Self-Attention", ACL 2019, and to ViT heads for WSSS by
+Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
+CVPRW 2023. Values follow the sparse ViT reference (``sparse_vit.md`` 1.2-1.3): temperature 0.33, stretch
+(-0.1, 1.1), hard straight-through samples in training, and the deterministic gate ``1[log_alpha > 0]`` at
+evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class HardConcreteGate(nn.Module):
+    """One gate per attention head.
+
+    In training, each forward draws one sample per head (shared by the whole batch, as in the reference) and
+    returns its hard value 0/1 with the straight-through gradient of the stretched, clamped relaxation. In eval
+    mode the gate is deterministic: a head is open iff ``log_alpha > 0``.
+
+    Args:
+        num_heads: number of gates.
+        temperature: beta of the concrete distribution.
+        stretch: (l, r) interval the relaxed sample is stretched to before clamping to [0, 1].
+        eps: keeps the uniform noise away from 0 and 1.
+        hard: straight-through hard samples in training (the reference's setting); False gives soft samples.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        temperature: float = 0.33,
+        stretch: tuple[float, float] = (-0.1, 1.1),
+        eps: float = 1e-6,
+        hard: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = temperature
+        self.low, self.high = stretch
+        self.eps = eps
+        self.hard = hard
+        # (1, heads, 1, 1) like the reference, so it broadcasts over (B, heads, N, N) and (B, heads, N, hd).
+        self.log_alpha = nn.Parameter(torch.empty(1, num_heads, 1, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Xavier-uniform on (1, H, 1, 1): fan_in = H, fan_out = 1 -> U(-sqrt(6/(H+1)), +sqrt(6/(H+1))).
+        nn.init.xavier_uniform_(self.log_alpha)
+
+    def forward(self) -> Tensor:
+        """Gate values, shape (1, heads, 1, 1)."""
+        if self.training:
+            u = torch.rand_like(self.log_alpha).clamp(self.eps, 1 - self.eps)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
+        else:
+            s = torch.sigmoid(self.log_alpha)
+        z = (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+        if not self.training or self.hard:
+            hard = (z > 0.5).to(z.dtype)
+            # Straight-through: forward value is hard, gradient is that of z (zero once clamp saturates).
+            z = (z - z.detach()) + hard if self.training else hard  # exactly 0/1 in the forward pass
+        return z
+
+    def open_probability(self) -> Tensor:
+        """P(gate != 0) = sigmoid(log_alpha - beta * log(-l / r)), shape (heads,); the L0 penalty per head."""
+        shift = self.temperature * math.log(-self.low / self.high)
+        return torch.sigmoid(self.log_alpha.flatten() - shift).clamp(self.eps, 1 - self.eps)
+
+    def is_open(self) -> Tensor:
+        """Deterministic (eval) state per head, bool (heads,): True iff log_alpha > 0."""
+        return self.log_alpha.detach().flatten() > 0
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, temperature={self.temperature}, stretch=({self.low}, {self.high})"
+
+
+def l0_penalty(gates: list[HardConcreteGate], normalize: bool = False) -> Tensor:
+    """Expected number of open gates.
+
+    Args:
+        gates: the gates of every gated attention layer.
+        normalize: False gives the paper's sum over all heads of all layers (about 132 for 12 x 16 gates at
+            init, which dominates the BCE about 40x at lambda 0.2); True divides by the number of heads, so the
+            penalty lies in (0, 1) and lambda means the same for every model size. Normalisation is a weakseg
+            addition, not in the paper.
+    """
+    if not gates:
+        raise ValueError("l0_penalty needs at least one gate; the model was built without gates")
+    probs = torch.cat([g.open_probability() for g in gates])
+    return probs.mean() if normalize else probs.sum()

@@ -1,0 +1,379 @@
+"""Vision Transformer with a Hard Concrete gate on every attention head: the backbone contract of weakseg.
+
+Architecture: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021 (patch embedding, prefix tokens,
+learned position embedding, pre-norm blocks). Head gates: Hanna, Mommert and Borth, "Sparse Multimodal Vision
+Transformer for Weakly Supervised Semantic Segmentation", CVPRW 2023 (see :mod:`weakseg.models.hard_concrete`).
+
+State-dict names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``, ``head``), so DeiT, DINO and timm
+checkpoints load from a local file with :func:`weakseg.models.pretrained.load_pretrained`. Gates add
+``blocks.{i}.attn.gate.log_alpha``; the S1 patch embedding of the summed multimodal fusion adds
+``patch_embed_s1.proj``.
+
+**The contract.** Every method reaches the model only through:
+
+- :meth:`GatedViT.forward_features` -> :class:`BackboneOutput` (prefix tokens, patch tokens as a sequence or a
+  ``(B, D, h, w)`` grid, and the per-head attention of any set of blocks with pruned heads zeroed),
+- :meth:`GatedViT.forward_head` (logits, or the pooled embedding with ``pre_logits=True``),
+- :meth:`GatedViT.head_mask` (deterministic kept/pruned state of every head),
+- :attr:`GatedViT.gradcam_layer` (the last block's first LayerNorm, whose output Grad-CAM differentiates).
+
+Attention runs through fused ``scaled_dot_product_attention`` unless a block's attention map is requested; only
+then is the explicit softmax computed, for those blocks. Gating after SDPA is exact because
+``(g * A) @ V == g * (A @ V)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from weakseg.errors import ConfigError
+from weakseg.models.hard_concrete import HardConcreteGate, l0_penalty
+
+AttentionImpl = Literal["fused", "explicit"]
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a :class:`GatedViT`; saved with checkpoints and compared on load.
+
+    Attributes:
+        img_size: (height, width) of the input; each must be divisible by ``patch_size``.
+        patch_size: side of the square, non-overlapping patches.
+        in_chans: channels of the input tensor. For multimodal input the tensor is S2 then S1 stacked.
+        s1_chans: how many of the last ``in_chans`` channels are Sentinel-1 (0 = unimodal).
+        fusion: multimodal early fusion. ``"concat"``: one patch embedding over all channels (TokenMasking-WSSS).
+            ``"sum"``: separate S2 and S1 patch embeddings whose tokens are summed (the sparse ViT paper's MViT).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        num_classes: outputs of the multi-label head.
+        num_cls_tokens: class tokens (WeakTr and TokenMasking-WSSS use one per class); the head pools their mean.
+        num_register_tokens: extra learned prefix tokens (Darcet et al., "Vision Transformers Need Registers").
+        gated: put a Hard Concrete gate on every head.
+        gate_temperature, gate_stretch: Hard Concrete parameters (paper: 0.33 and (-0.1, 1.1)).
+    """
+
+    img_size: tuple[int, int] = (64, 64)
+    patch_size: int = 8
+    in_chans: int = 13
+    s1_chans: int = 0
+    fusion: Literal["concat", "sum"] = "concat"
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 6
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = True
+    num_classes: int = 8
+    num_cls_tokens: int = 1
+    num_register_tokens: int = 0
+    gated: bool = True
+    gate_temperature: float = 0.33
+    gate_stretch: tuple[float, float] = field(default=(-0.1, 1.1))
+
+    def __post_init__(self) -> None:
+        self.img_size = _pair(self.img_size)
+        self.gate_stretch = (float(self.gate_stretch[0]), float(self.gate_stretch[1]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the setting that is wrong."""
+        h, w = self.img_size
+        p = self.patch_size
+        if p <= 0 or h % p or w % p:
+            raise ConfigError(
+                f"image size {h}x{w} is not divisible by patch size {p} (--imgsize / --patch_size); "
+                f"for example use --imgsize {max(p, h // p * p)} {max(p, w // p * p)}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads} (--num_heads)"
+            )
+        if not 0 <= self.s1_chans < self.in_chans:
+            raise ConfigError(f"s1_chans {self.s1_chans} must be in [0, in_chans={self.in_chans})")
+        if self.fusion not in ("concat", "sum"):
+            raise ConfigError(f"fusion must be 'concat' or 'sum', got {self.fusion!r}")
+        if self.num_cls_tokens < 1:
+            raise ConfigError("num_cls_tokens must be at least 1")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.num_cls_tokens + self.num_register_tokens
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["img_size"] = list(self.img_size)
+        d["gate_stretch"] = list(self.gate_stretch)
+        return d
+
+
+def _pair(v: int | Iterable[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ConfigError(f"image size must be one or two integers, got {list(t)}")
+    return (t[0], t[1])
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> linear projection (a strided convolution, as in timm)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, h*w, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional Hard Concrete gate per head."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.gate = (
+            HardConcreteGate(cfg.num_heads, cfg.gate_temperature, cfg.gate_stretch) if cfg.gated else None
+        )
+        #: "explicit" forces the softmax path even without a requested map (benchmarks, debugging).
+        self.impl: AttentionImpl = "fused"
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
+        g = self.gate() if self.gate is not None else None  # (1, heads, 1, 1)
+        attn = None
+        if return_attention or self.impl == "explicit":
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            if g is not None:
+                attn = attn * g
+            out = attn @ v  # (B, heads, N, hd)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+            if g is not None:
+                out = out * g
+        out = out.transpose(1, 2).reshape(B, N, D)
+        return self.proj(out), (attn if return_attention else None)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+@dataclass
+class BackboneOutput:
+    """What :meth:`GatedViT.forward_features` returns.
+
+    Attributes:
+        prefix: final-normed prefix tokens, (B, P, D): class tokens first, then registers.
+        patches: final-normed patch tokens, (B, h*w, D), row-major over the (h, w) patch grid.
+        grid: (h, w) patch grid.
+        attentions: block index (0-based) -> post-softmax attention times the head gate, (B, heads, N, N)
+            with N = P + h*w; rows are queries. Pruned heads (eval mode) are all zero.
+        num_prefix_tokens: P.
+    """
+
+    prefix: Tensor
+    patches: Tensor
+    grid: tuple[int, int]
+    attentions: dict[int, Tensor]
+    num_prefix_tokens: int
+
+    def patch_grid(self) -> Tensor:
+        """Patch tokens as a feature map, (B, D, h, w) (ViT-PCM and segmentation heads)."""
+        B, _, D = self.patches.shape
+        return self.patches.transpose(1, 2).reshape(B, D, *self.grid)
+
+    def cls_to_patch_attention(self, block: int, cls_index: int = 0) -> Tensor:
+        """Attention of class token ``cls_index`` to every patch, (B, heads, h, w), from block ``block``."""
+        attn = self.attentions[block]  # (B, heads, N, N)
+        row = attn[:, :, cls_index, self.num_prefix_tokens :]  # (B, heads, h*w)
+        return row.reshape(*row.shape[:2], *self.grid)
+
+
+class GatedViT(nn.Module):
+    """ViT with Hard Concrete head gates; see the module docstring for the contract."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        if cfg.s1_chans and cfg.fusion == "sum":
+            self.patch_embed = PatchEmbed(cfg.in_chans - cfg.s1_chans, D, cfg.patch_size)
+            self.patch_embed_s1: PatchEmbed | None = PatchEmbed(cfg.s1_chans, D, cfg.patch_size)
+        else:
+            self.patch_embed = PatchEmbed(cfg.in_chans, D, cfg.patch_size)
+            self.patch_embed_s1 = None
+        h, w = cfg.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls_tokens, D))
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, cfg.num_register_tokens, D)) if cfg.num_register_tokens else None
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + h * w, D))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.trunc_normal_(self.reg_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- properties every method may read -------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.cfg.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.cfg.num_prefix_tokens
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.cfg.grid_size
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        """``blocks[-1].norm1``: Grad-CAM's target; the last block's own outputs never reach the CLS logit."""
+        return self.blocks[-1].norm1
+
+    @property
+    def gates(self) -> list[HardConcreteGate]:
+        return [b.attn.gate for b in self.blocks if b.attn.gate is not None]
+
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
+        """Use fused SDPA ("fused", default) or always the explicit softmax ("explicit") in every block."""
+        for b in self.blocks:
+            b.attn.impl = impl
+
+    # ---- the contract ---------------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Image (B, C, H, W) -> tokens with prefix and position embedding, (B, P + h*w, D)."""
+        B, C, H, W = x.shape
+        if C != self.cfg.in_chans:
+            raise ConfigError(f"model expects {self.cfg.in_chans} input channels, got {C}")
+        if (H, W) != self.cfg.img_size:
+            raise ConfigError(
+                f"model expects {self.cfg.img_size[0]}x{self.cfg.img_size[1]} inputs, got {H}x{W}"
+            )
+        if self.patch_embed_s1 is not None:
+            s1 = self.cfg.s1_chans
+            tokens = self.patch_embed(x[:, :-s1]) + self.patch_embed_s1(x[:, -s1:])  # (B, h*w, D)
+        else:
+            tokens = self.patch_embed(x)  # (B, h*w, D)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        return torch.cat([*prefix, tokens], dim=1) + self.pos_embed
+
+    def forward_features(self, x: Tensor, attention_blocks: Iterable[int] | None = None) -> BackboneOutput:
+        """Run the backbone.
+
+        Args:
+            x: (B, C, H, W) image.
+            attention_blocks: block indices (negative allowed) whose attention maps to return; only these blocks
+                take the explicit-softmax path. None or empty: all blocks use fused SDPA.
+        """
+        wanted = {i % self.cfg.depth for i in (attention_blocks or ())}
+        tokens = self.embed(x)
+        attentions: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            tokens, attn = blk(tokens, return_attention=i in wanted)
+            if attn is not None:
+                attentions[i] = attn
+        tokens = self.norm(tokens)
+        P = self.num_prefix_tokens
+        return BackboneOutput(tokens[:, :P], tokens[:, P:], self.grid_size, attentions, P)
+
+    def forward_head(self, out: BackboneOutput, pre_logits: bool = False) -> Tensor:
+        """Pooled class-token embedding (B, D) with ``pre_logits``; else multi-label logits (B, classes)."""
+        pooled = out.prefix[:, : self.cfg.num_cls_tokens].mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Multi-label logits (B, num_classes); apply a sigmoid for probabilities."""
+        return self.forward_head(self.forward_features(x))
+
+    # ---- gates ---------------------------------------------------------------------------------------
+    def head_mask(self) -> Tensor:
+        """Deterministic head state, bool (depth, heads): True = kept (log_alpha > 0, or the model is ungated)."""
+        if not self.cfg.gated:
+            return torch.ones(self.cfg.depth, self.cfg.num_heads, dtype=torch.bool)
+        return torch.stack([g.is_open().cpu() for g in self.gates])
+
+    def pruned_heads_per_layer(self) -> list[int]:
+        return (~self.head_mask()).sum(dim=1).tolist()
+
+    def pruned_fraction(self) -> float:
+        mask = self.head_mask()
+        return float((~mask).sum()) / mask.numel()
+
+    def l0_penalty(self, normalize: bool = False) -> Tensor:
+        return l0_penalty(self.gates, normalize=normalize)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to exclude from weight decay: gates (defect 6 of the original), embeddings, norms, biases."""
+        names = set()
+        for name, p in self.named_parameters():
+            if p.ndim <= 1 or name.endswith("log_alpha") or name in ("pos_embed", "cls_token", "reg_token"):
+                names.add(name)
+        return names
+
+
+def build_vit(**kwargs: object) -> GatedViT:
+    """Build a :class:`GatedViT` from keyword arguments of :class:`ViTConfig`."""
+    return GatedViT(ViTConfig(**kwargs))  # type: ignore[arg-type]
