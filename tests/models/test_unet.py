@@ -27,7 +27,8 @@ def test_default_widths_are_the_reference_unet() -> None:
     assert model.size_divisor == 16
     # Decoder input channels of the bilinear reference UNet: 1024, 512, 256, 128 -> 256, 128, 64, 64.
     first_convs = [up.conv[0] for up in model.up]
-    assert [(c.in_channels, c.out_channels) for c in first_convs] == [(1024, 256), (512, 128), (256, 64), (128, 64)]
+    channels = [(c.in_channels, c.out_channels) for c in first_convs]
+    assert channels == [(1024, 256), (512, 128), (256, 64), (128, 64)]
     assert model.head.in_channels == 64 and model.head.out_channels == 8
 
 
@@ -86,6 +87,8 @@ def test_bad_config_raises(kwargs: dict, message: str) -> None:
         UNet(**kwargs)
 
 
-@pytest.mark.parametrize(("size", "divisor", "expected"), [(30, 8, 32), (27, 8, 24), (28, 8, 32), (3, 16, 16)])
+@pytest.mark.parametrize(
+    ("size", "divisor", "expected"), [(30, 8, 32), (27, 8, 24), (28, 8, 32), (3, 16, 16)]
+)
 def test_nearest_valid_size(size: int, divisor: int, expected: int) -> None:
     assert nearest_valid_size(size, divisor) == expected

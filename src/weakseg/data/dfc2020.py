@@ -96,16 +96,24 @@ def multi_hot_from_mask(mask: torch.Tensor, num_classes: int, threshold: float =
 
 
 def find_split_root(root: Path, split: str) -> Path:
-    """Locate ``ROIs0000_<split>`` (or any folder holding the split's s2 folder) below ``root``."""
+    """Locate the folder of ``split`` below ``root``.
+
+    A folder named ``<anything>_<split>`` (``ROIs0000_validation``) or ``<split>`` that holds an s2 folder wins;
+    otherwise any folder holding ``s2_<split>``. The scene-id spelling ``s2_0`` is accepted only inside a folder
+    named for the split, so ``validation`` can never resolve to the test split's ``s2_0``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist (--datadir)")
     s2_names = _sensor_folder_names("s2", split)
     candidates = [root] + [p for p in sorted(root.rglob("*")) if p.is_dir() and "__MACOSX" not in p.parts]
-    for cand in candidates:
-        if len(cand.relative_to(root).parts) > 3:
-            continue
+    candidates = [c for c in candidates if len(c.relative_to(root).parts) <= 3]
+    named = [c for c in candidates if c.name == split or c.name.endswith(f"_{split}")]
+    for cand in named:
         if any((cand / n).is_dir() for n in s2_names):
+            return cand
+    for cand in candidates:
+        if (cand / f"s2_{split}").is_dir():
             return cand
     raise DataError(
         f"no DFC2020 '{split}' split below {root}: expected a folder ROIs0000_{split}/ with one of "

@@ -19,7 +19,7 @@ How this implementation differs from the released per-image code, and why:
   (K, H*W) upsampled maps -- no downsampling approximation is needed.
 - **Variable k.** Images with different numbers of labels are clustered together: centres are padded to the
   largest k of the batch and padded centres are masked out (infinite distance).
-- **Reproducible and batch-independent.** The k-means++ initialisation draws its uniforms from a CPU
+- **Reproducible and batch-independent.** The greedy k-means++ initialisation (as scikit-learn) draws its uniforms from a CPU
   :class:`torch.Generator` seeded with ``seed`` (24, as the original's ``random_state``); the *same* draws serve every
   image, so an image's mask does not depend on its batch or its position in it (resumed runs reproduce masks).
   Each of ``n_init`` restarts (10, the pre-1.4 scikit-learn default the original relied on) runs Lloyd iterations
@@ -34,6 +34,7 @@ How this implementation differs from the released per-image code, and why:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,10 +164,11 @@ def kmeans_gram(
 ) -> tuple[Tensor, Tensor]:
     """k-means of K points per image given only their Gram matrix, with a different k per image.
 
-    k-means++ initialisation (each next centre drawn with probability proportional to the squared distance to the
-    nearest chosen centre), then Lloyd iterations until no assignment changes; the best of ``n_init`` restarts by
-    inertia. The uniforms come from ``torch.Generator().manual_seed(seed)`` and are shared by all images (drawn
-    per centre index, so they do not depend on the batch, its largest k or an image's position).
+    Greedy k-means++ initialisation (each next centre is the best, by resulting potential, of ``2 + ln k``
+    candidates drawn with probability proportional to the squared distance to the nearest chosen centre, as in
+    scikit-learn), then Lloyd iterations until no assignment changes; the best of ``n_init`` restarts by inertia.
+    The uniforms come from ``torch.Generator().manual_seed(seed)`` and are shared by all images, laid out by
+    centre index, restart and trial, so they do not depend on the batch, its largest k or an image's position.
 
     Args:
         gram: (B, K, K) inner products of the points.
@@ -189,24 +191,35 @@ def kmeans_gram(
         raise ValueError(f"every k must be in [1, {K}] (the number of points), got {k.tolist()}")
     kmax = int(k.max())
     R = n_init
+    # Greedy k-means++ (as scikit-learn): 2 + floor(ln k) candidates per new centre, keep the one that lowers the
+    # potential most. Draws are laid out by (centre index, restart, trial) with the trial count capped by K, so
+    # they depend only on K, n_init and the seed.
+    max_trials = 2 + int(math.log(K))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    uniforms = torch.rand(kmax, R, generator=generator, dtype=torch.float64).T.to(device)  # (R, kmax)
+    uniforms = torch.rand(K, R, 1 + max_trials, generator=generator, dtype=torch.float64).to(device)
+    trials = 2 + torch.floor(torch.log(k.to(torch.float64))).long()  # (B,)
+    trial_ok = torch.arange(max_trials, device=device) < trials[:, None]  # (B, max_trials)
 
     grams = gram[:, None].expand(B, R, K, K)  # (B, R, K, K)
     sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1)[:, None, :].expand(B, R, K)  # (B, R, K)
     valid = (torch.arange(kmax, device=device) < k[:, None])[:, None, :].expand(B, R, kmax)  # (B, R, kmax)
 
-    # k-means++ seeding by inverse-CDF sampling of the squared distances.
     centres = torch.empty(B, R, kmax, dtype=torch.long, device=device)
-    uniform_pick = (uniforms * K).long().clamp(max=K - 1)  # (R, kmax): used for the first centre and ties at 0
-    centres[..., 0] = uniform_pick[:, 0]
+    uniform_pick = (uniforms[..., 0] * K).long().clamp(max=K - 1)  # (K, R): first centre, and ties at 0
+    centres[..., 0] = uniform_pick[0]
     nearest_sq = _distances_to_points(grams, sq_norms, centres[..., 0])  # (B, R, K)
     for j in range(1, kmax):
-        cdf = nearest_sq.cumsum(dim=-1)  # (B, R, K)
+        cdf = nearest_sq.cumsum(dim=-1).contiguous()  # (B, R, K)
         total = cdf[..., -1]  # (B, R)
-        target = (uniforms[:, j] * total)[..., None].contiguous()  # (B, R, 1)
-        drawn = torch.searchsorted(cdf.contiguous(), target, right=True).squeeze(-1).clamp(max=K - 1)
-        centres[..., j] = torch.where(total > 0, drawn, uniform_pick[:, j])
+        targets = uniforms[j, :, 1:] * total[..., None]  # (B, R, T): inverse-CDF sampling
+        candidates = torch.searchsorted(cdf, targets.contiguous(), right=True).clamp(max=K - 1)  # (B, R, T)
+        cand_cross = grams.gather(2, candidates[..., None].expand(B, R, max_trials, K))  # (B, R, T, K)
+        cand_sq = (sq_norms[:, :, None, :] + sq_norms.gather(-1, candidates)[..., None] - 2 * cand_cross)
+        new_nearest = torch.minimum(nearest_sq[:, :, None, :], cand_sq.clamp_min(0))  # (B, R, T, K)
+        potential = new_nearest.sum(dim=-1).masked_fill(~trial_ok[:, None, :], torch.inf)  # (B, R, T)
+        best_trial = potential.argmin(dim=-1, keepdim=True)  # (B, R, 1)
+        chosen = candidates.gather(-1, best_trial).squeeze(-1)  # (B, R)
+        centres[..., j] = torch.where(total > 0, chosen, uniform_pick[j])
         nearest_sq = torch.minimum(nearest_sq, _distances_to_points(grams, sq_norms, centres[..., j]))
 
     cross = grams.gather(-1, centres[:, :, None, :].expand(B, R, K, kmax))  # (B, R, K, kmax)
@@ -243,40 +256,49 @@ class TwoMeans:
     split_found: Tensor
 
 
+def _sort_rows(values: Tensor) -> Tensor:
+    """Sort each row ascending; on the CPU through numpy, whose SIMD sort is about 4x faster than torch's here."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.detach().contiguous().numpy(), axis=-1))
+    return values.sort(dim=-1).values
+
+
 def two_means_1d(values: Tensor) -> TwoMeans:
     """Exact 2-means of each row's values (the global optimum of the within-cluster sum of squares).
 
-    For a split of the sorted values into the ``s`` smallest (sum ``L``) and the rest, the within-cluster sum of
-    squares is ``sum(v^2) - L^2/s - (T-L)^2/(P-s)``, so the best split maximises the last two terms; prefix sums
-    give them for all ``s`` at once. Only splits between distinct values are allowed (equal values cannot be told
-    apart by a threshold). Rows are processed in chunks to bound the float64 temporaries.
+    The optimal partition of values on a line is a threshold split of the sorted values. Splitting the ``s``
+    smallest from the other ``P - s`` leaves a within-cluster sum of squares of ``sum((v - mean)^2)`` minus the
+    between-cluster term ``P / (s (P - s)) * Lc^2``, where ``Lc`` is the sum of the ``s`` smallest *centred*
+    values; one prefix sum gives ``Lc`` for every ``s``, so the best split is an arg-max. Only splits between
+    distinct values are allowed (equal values cannot be told apart by a threshold). Centring keeps the float64
+    prefix sums well conditioned; rows are processed in chunks to bound the temporaries.
 
     Args:
         values: (N, P) values.
     """
     N, P = values.shape
+    if P < 2:
+        mean = values.to(torch.float64).mean(dim=-1) if P else torch.zeros(N, dtype=torch.float64)
+        inf = torch.full((N,), torch.inf, dtype=values.dtype, device=values.device)
+        return TwoMeans(inf, mean, torch.zeros(N, dtype=torch.bool, device=values.device))
+    left_n = torch.arange(1, P, dtype=torch.float64, device=values.device)  # (P-1,): s
+    weight = 1.0 / (left_n * (P - left_n))  # (P-1,): the constant factor P is dropped
     thresholds, means, found = [], [], []
-    rows_per_chunk = max(1, _TWO_MEANS_CHUNK_ELEMENTS // max(P, 1))
+    rows_per_chunk = max(1, _TWO_MEANS_CHUNK_ELEMENTS // P)
     for chunk in values.split(rows_per_chunk):
-        v = chunk.sort(dim=-1).values  # (n, P)
-        prefix = v.to(torch.float64).cumsum(dim=-1)  # (n, P)
-        total = prefix[:, -1]  # (n,)
-        if P < 2:
-            thresholds.append(torch.full_like(total, torch.inf))
-            means.append(total / max(P, 1))
-            found.append(torch.zeros_like(total, dtype=torch.bool))
-            continue
-        left_sum = prefix[:, :-1]  # (n, P-1): sum of the s smallest, s = 1..P-1
-        left_n = torch.arange(1, P, dtype=torch.float64, device=v.device)  # (P-1,)
-        between = left_sum**2 / left_n + (total[:, None] - left_sum) ** 2 / (P - left_n)  # (n, P-1)
+        v = _sort_rows(chunk).to(values.device)  # (n, P)
+        v64 = v.to(torch.float64)
+        mean = v64.mean(dim=-1)  # (n,)
+        left_centred = (v64 - mean[:, None]).cumsum_(dim=-1)[:, :-1]  # (n, P-1): Lc for s = 1..P-1
+        between = left_centred.square().mul_(weight)  # (n, P-1)
         distinct = v[:, 1:] > v[:, :-1]  # (n, P-1)
-        best = between.masked_fill(~distinct, -torch.inf).argmax(dim=-1)  # (n,): last index of the low side
+        best = between.masked_fill_(~distinct, -torch.inf).argmax(dim=-1)  # (n,): last index of the low side
         has_split = distinct.any(dim=-1)
-        fg_sum = total - left_sum.gather(1, best[:, None]).squeeze(1)
-        fg_mean = fg_sum / (P - 1 - best).to(torch.float64)
+        # The high side's centred sum is -Lc (centred values sum to 0).
+        fg_mean = mean - left_centred.gather(1, best[:, None]).squeeze(1) / (P - 1 - best).to(torch.float64)
         threshold = v.gather(1, (best + 1)[:, None]).squeeze(1)
         thresholds.append(torch.where(has_split, threshold, torch.full_like(threshold, torch.inf)))
-        means.append(torch.where(has_split, fg_mean, total / P))
+        means.append(torch.where(has_split, fg_mean, mean))
         found.append(has_split)
     return TwoMeans(torch.cat(thresholds), torch.cat(means), torch.cat(found))
 

@@ -1,22 +1,22 @@
 """The standard UNet used to refine pseudomasks (stage 3 of the sparse ViT pipeline).
 
-Architecture: Ronneberger, Fischer and Brox, "U-Net: Convolutional Networks for Biomedical Image Segmentation",
-MICCAI 2015, in the common "bilinear" variant: every stage is a double convolution (3x3 conv, BatchNorm, ReLU, twice),
-the encoder halves the resolution with 2x2 max pooling, the decoder doubles it with bilinear interpolation (no
-transposed convolutions) and concatenates the encoder feature map of the same resolution (skip connection), and a
-1x1 convolution maps the last decoder features to class logits.
+Architecture: Ronneberger, Fischer and Brox, "U-Net: Convolutional Networks for Biomedical Image
+Segmentation", MICCAI 2015, in the common "bilinear" variant: every stage is a double convolution (3x3 conv,
+BatchNorm, ReLU, twice), the encoder halves the resolution with 2x2 max pooling, the decoder doubles it with
+bilinear interpolation (no transposed convolutions) and concatenates the encoder feature map of the same
+resolution (skip connection), and a 1x1 convolution maps the last decoder features to class logits.
 
 Use in weakseg: Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic
 Segmentation", CVPRW 2023, refine their attention pseudomasks by training "a standard UNet" on them for a few
-epochs, twice. The channel widths 64-128-256-512-512 follow the UNet of the authors' follow-up repository and of the
-DFC2020 baseline (reference ``sparse_vit.md`` section 5). With widths ``(w0, ..., wL)`` the decoder stage at
-resolution level ``i`` maps ``concat(skip_i, up(x))`` to ``w(i-1)`` channels (``w0`` at the top), so the default reproduces
-the familiar 1024->256, 512->128, 256->64, 128->64 decoder.
+epochs, twice. The channel widths 64-128-256-512-512 follow the UNet of the authors' follow-up repository and
+of the DFC2020 baseline (reference ``sparse_vit.md`` section 5). With widths ``(w0, ..., wL)`` the decoder
+stage at resolution level ``i`` maps ``concat(skip_i, up(x))`` to ``w(i-1)`` channels (``w0`` at the top), so
+the default reproduces the familiar 1024->256, 512->128, 256->64, 128->64 decoder.
 
 Input sizes: ``L = len(widths) - 1`` poolings need height and width divisible by ``2**L``. Other sizes raise a
-:class:`~weakseg.errors.ConfigError` that suggests the nearest valid size instead of being padded silently: padding
-would change what the border pixels see between training and prediction, and DFC2020 tiles (256 px) and their
-crops are always valid for the default depth.
+:class:`~weakseg.errors.ConfigError` that suggests the nearest valid size instead of being padded silently:
+padding would change what the border pixels see between training and prediction, and DFC2020 tiles (256 px)
+and their crops are always valid for the default depth.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ class UNet(nn.Module):
     Args:
         in_chans: input channels (13 for S2, 15 for S2 followed by S1, 3 for RGB).
         num_classes: output classes (8 DFC classes).
-        widths: channels of the encoder stages from full resolution down to the bottleneck. ``len(widths) - 1``
-            max-pool steps are taken, so inputs must be divisible by ``2 ** (len(widths) - 1)``. The reference
-            default is ``(64, 128, 256, 512, 512)`` (about 13 M parameters); ``(16, 32, 64, 128)`` is enough for a CPU
-            demonstration.
+        widths: channels of the encoder stages from full resolution down to the bottleneck.
+            ``len(widths) - 1`` max-pool steps are taken, so inputs must be divisible by
+            ``2 ** (len(widths) - 1)``. The reference default is ``(64, 128, 256, 512, 512)`` (about 13 M
+            parameters); ``(16, 32, 64, 128)`` is enough for a CPU demonstration.
 
     Raises:
         ConfigError: on non-positive channel counts or an empty ``widths``.
@@ -80,7 +80,9 @@ class UNet(nn.Module):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if not widths or any(w <= 0 for w in widths):
-            raise ConfigError(f"UNet widths must be a non-empty list of positive integers, got {list(widths)}")
+            raise ConfigError(
+                f"UNet widths must be a non-empty list of positive integers, got {list(widths)}"
+            )
         if in_chans <= 0:
             raise ConfigError(f"UNet in_chans must be positive, got {in_chans}")
         if num_classes <= 0:
@@ -91,7 +93,8 @@ class UNet(nn.Module):
 
         self.stem = DoubleConv(in_chans, widths[0])
         self.down = nn.ModuleList(DoubleConv(widths[i - 1], widths[i]) for i in range(1, len(widths)))
-        # Decoder stages, deepest first: level i (resolution 2**-i) outputs widths[i-1] channels, level 0 widths[0].
+        # Decoder stages, deepest first: level i (resolution 2**-i) outputs widths[i-1] channels,
+        # level 0 outputs widths[0].
         up_blocks = []
         deep_channels = widths[-1]
         for level in range(len(widths) - 2, -1, -1):
@@ -107,7 +110,7 @@ class UNet(nn.Module):
         return 2 ** (len(self.widths) - 1)
 
     def check_input_shape(self, x: Tensor) -> None:
-        """Raise :class:`ConfigError` if ``x`` is not (B, in_chans, H, W) with H and W multiples of the divisor."""
+        """Raise :class:`ConfigError` unless ``x`` is (B, in_chans, H, W) with H and W divisible."""
         if x.ndim != 4:
             raise ConfigError(f"UNet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
@@ -117,7 +120,8 @@ class UNet(nn.Module):
         if h % d or w % d:
             raise ConfigError(
                 f"UNet input size {h}x{w} is not divisible by {d} (2**{len(self.widths) - 1} for "
-                f"{len(self.widths)} widths); crop or pad to {nearest_valid_size(h, d)}x{nearest_valid_size(w, d)}, "
+                f"{len(self.widths)} widths); crop or pad to "
+                f"{nearest_valid_size(h, d)}x{nearest_valid_size(w, d)}, "
                 f"or use fewer widths"
             )
 

@@ -1,14 +1,15 @@
 """Lightning task that trains the UNet on (pseudo)masks: stage 3 of the sparse ViT pipeline.
 
 Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
-CVPRW 2023, refine their attention pseudomasks by "multiple stages of supervised training of a segmentation model,
-utilizing the pseudomasks generated in the previous iteration as supervision". The paper publishes no settings; the
-project defaults (reference ``sparse_vit.md`` section 5) are a standard UNet (:class:`weakseg.models.unet.UNet`),
-cross-entropy with ignore index 255, AdamW with lr 1e-3, and the UNet's argmax as the next pseudomask.
+CVPRW 2023, refine their attention pseudomasks by "multiple stages of supervised training of a segmentation
+model, utilizing the pseudomasks generated in the previous iteration as supervision". The paper publishes no
+settings; the project defaults (reference ``sparse_vit.md`` section 5) are a standard UNet
+(:class:`weakseg.models.unet.UNet`), cross-entropy with ignore index 255, AdamW with lr 1e-3, and the UNet's
+argmax as the next pseudomask.
 
 Batches are dataset-sample dicts collated by the default collate function: ``image`` float (B, C, H, W),
-``mask`` int64 (B, H, W) with 255 = ignore (unlabelled pixels of a pseudomask, or no-data in ground truth) and, for
-prediction, ``id`` (list of B strings).
+``mask`` int64 (B, H, W) with 255 = ignore (unlabelled pixels of a pseudomask, or no-data in ground truth)
+and, for prediction, ``id`` (list of B strings).
 
 Logged values (``batch_size=`` always the true batch size, defect 17 of the original code):
 ``train_loss`` (per step and epoch), ``val_loss``, ``val_acc`` (pixel accuracy over non-ignored pixels) and
@@ -38,10 +39,10 @@ LRSchedule = Literal["constant", "cosine"]
 def masked_cross_entropy(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean cross-entropy over the pixels whose label is not ``ignore_index``.
 
-    ``F.cross_entropy(..., ignore_index=...)`` with ``reduction="mean"`` divides by the number of labelled pixels and
-    returns NaN (0 / 0) when a batch has none, which happens with pseudomasks that leave whole tiles unlabelled.
-    Summing and dividing by ``max(count, 1)`` returns 0 instead, still attached to the graph, so ``backward`` gives
-    zero gradients rather than NaN weights.
+    ``F.cross_entropy(..., ignore_index=...)`` with ``reduction="mean"`` divides by the number of labelled
+    pixels and returns NaN (0 / 0) when a batch has none, which happens with pseudomasks that leave whole
+    tiles unlabelled. Summing and dividing by ``max(count, 1)`` returns 0 instead, still attached to the
+    graph, so ``backward`` gives zero gradients rather than NaN weights.
 
     Args:
         logits: (B, K, H, W) class scores.
@@ -63,18 +64,18 @@ class SegmentationTask(L.LightningModule):
         lr: AdamW learning rate (project default 1e-3).
         weight_decay: AdamW weight decay, applied to convolution weights only; BatchNorm parameters and biases
             get none because decaying them only shrinks the normalisation scale, it does not regularise.
-        lr_schedule: ``"constant"``, or ``"cosine"``: cosine annealing to 0 over all optimiser steps of the fit,
-            stepped every batch (needs ``max_epochs`` or ``max_steps`` on the Trainer).
+        lr_schedule: ``"constant"``, or ``"cosine"``: cosine annealing to 0 over all optimiser steps of the
+            fit, stepped every batch (needs ``max_epochs`` or ``max_steps`` on the Trainer).
 
     Raises:
-        ConfigError: on a non-positive ``lr``, a negative ``weight_decay``, ``num_classes`` outside [1, 255) or an
-            unknown ``lr_schedule``.
+        ConfigError: on a non-positive ``lr``, a negative ``weight_decay``, ``num_classes`` outside [1, 255)
+            or an unknown ``lr_schedule``.
 
-    mIoU is torchmetrics' ``MulticlassJaccardIndex(average="macro", ignore_index=255)`` accumulated over the whole
-    validation epoch: a class that neither occurs in the ground truth nor is predicted is left out of the mean (it
-    does not count as 0 or 1), but a class that is predicted without occurring in the ground truth counts with IoU
-    0. This differs slightly from the final evaluation (``weakseg.evaluation.metrics``, mean over classes present
-    in the ground truth) and is meant for model selection during training only.
+    mIoU is torchmetrics' ``MulticlassJaccardIndex(average="macro", ignore_index=255)`` accumulated over the
+    whole validation epoch: a class that neither occurs in the ground truth nor is predicted is left out of
+    the mean (it does not count as 0 or 1), but a class that is predicted without occurring in the ground
+    truth counts with IoU 0. This differs slightly from the final evaluation (``weakseg.evaluation.metrics``,
+    mean over classes present in the ground truth) and is meant for model selection during training only.
     """
 
     def __init__(
@@ -93,7 +94,8 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
         if not 0 < num_classes < IGNORE_INDEX:
             raise ConfigError(
-                f"num_classes must be in [1, {IGNORE_INDEX}) for uint8 masks with 255 = ignore, got {num_classes}"
+                f"num_classes must be in [1, {IGNORE_INDEX}) for uint8 masks with 255 = ignore, "
+                f"got {num_classes}"
             )
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -120,7 +122,8 @@ class SegmentationTask(L.LightningModule):
             values = torch.unique(mask[bad]).tolist()[:10]
             raise DataError(
                 f"mask values {values} of tiles {batch.get('id', '?')} are neither a class id in "
-                f"[0, {self.num_classes}) nor the ignore index {IGNORE_INDEX}; check num_classes and the masks"
+                f"[0, {self.num_classes}) nor the ignore index {IGNORE_INDEX}; "
+                f"check num_classes and the masks"
             )
 
     def _shared_step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,10 +146,10 @@ class SegmentationTask(L.LightningModule):
         return loss
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Per-pixel prediction: ``pred`` uint8 (B, H, W) argmax, ``prob`` float32 (B, H, W) its softmax value.
+        """Per-pixel prediction: ``pred`` uint8 (B, H, W) argmax, ``prob`` float32 (B, H, W) its probability.
 
-        Lightning runs prediction in eval mode under ``torch.inference_mode``; ``id`` is passed through (None when the
-        batch has none) so a writer can name the output files.
+        Lightning runs prediction in eval mode under ``torch.inference_mode``; ``id`` is passed through (None
+        when the batch has none) so a writer can name the output files.
         """
         prob, pred = self(batch["image"]).softmax(dim=1).max(dim=1)  # (B, H, W) each
         return {"id": batch.get("id"), "pred": pred.to(torch.uint8), "prob": prob.float()}
@@ -166,6 +169,8 @@ class SegmentationTask(L.LightningModule):
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps) or total_steps < 1:
-            raise ConfigError("lr_schedule 'cosine' needs a finite training length: set max_epochs or max_steps")
+            raise ConfigError(
+                "lr_schedule 'cosine' needs a finite training length: set max_epochs or max_steps"
+            )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,17 +1,18 @@
 """PNG figures: true-colour tiles, pseudomask panels, attention-head grids, gate maps and method comparisons.
 
-The figures reproduce the qualitative plots of Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for
-Weakly Supervised Semantic Segmentation", CVPRW 2023 ("True Color | Grad-CAM | Ours w/o pruning | Ours |
-Groundtruth" panels, per-head attention with pruned heads, the gate state of every head). The optional contour on
-attention maps is DINO's visualisation (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers",
-ICCV 2021): the smallest set of patches that holds a given fraction (60 %) of a head's attention mass.
+The figures reproduce the qualitative plots of Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer
+for Weakly Supervised Semantic Segmentation", CVPRW 2023 ("True Color | Grad-CAM | Ours w/o pruning | Ours |
+Groundtruth" panels, per-head attention with pruned heads, the gate state of every head). The optional contour
+on attention maps is DINO's visualisation (Caron et al., "Emerging Properties in Self-Supervised Vision
+Transformers", ICCV 2021): the smallest set of patches that holds a given fraction (60 %) of a head's
+attention mass.
 
-Every figure is drawn on a :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``: no global
-figure registry that leaks memory in long runs and no change of the user's backend. Files are written atomically
-(``<name>.tmp`` in the same folder, then ``os.replace``), so a crash never leaves a truncated PNG, and every function
-returns the path it wrote. Figure sizes are fixed by ``panel_size`` (inches per panel) and ``dpi``, without
-``bbox_inches="tight"``, so a PNG's pixel size is predictable: for example a pseudomask panel is
-``(1 + len(columns)) * panel_size * dpi`` pixels wide.
+Every figure is drawn on a :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``: no
+global figure registry that leaks memory in long runs and no change of the user's backend. Files are written
+atomically (``<name>.tmp`` in the same folder, then ``os.replace``), so a crash never leaves a truncated PNG,
+and every function returns the path it wrote. Figure sizes are fixed by ``panel_size`` (inches per panel) and
+``dpi``, without ``bbox_inches="tight"``, so a PNG's pixel size is predictable: for example a pseudomask panel
+is ``(1 + len(columns)) * panel_size * dpi`` pixels wide.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, IGNORE_INDEX, S2_RGB_INDICES
+from weakseg.data.classes import DFC_CLASS_COLORS, IGNORE_INDEX, S2_BANDS, S2_RGB_INDICES
 from weakseg.errors import WeaksegError
 
 #: Colour of ignored / unlabelled pixels (255) in colourised masks: dark grey, distinct from every DFC colour.
@@ -38,7 +39,7 @@ _CROSS_COLOR = "#d7301f"
 Color = str | Sequence[float] | Sequence[int]
 
 
-# ---- arrays ------------------------------------------------------------------------------------------------
+# ---- arrays -------------------------------------------------------------------------------------------
 def s2_true_color(
     image_s2: np.ndarray,
     rgb_indices: Sequence[int] | None = None,
@@ -46,20 +47,20 @@ def s2_true_color(
 ) -> np.ndarray:
     """True-colour rendering of a Sentinel-2 tile with a per-band percentile stretch.
 
-    Reflectances are dark and skewed (clouds, water), so a fixed scale gives black or washed-out images; stretching
-    each band between its 2nd and 98th percentile is the usual remote-sensing display and is independent of whether
-    the input is raw uint16 digital numbers, scaled floats or normalised values.
+    Reflectances are dark and skewed (clouds, water), so a fixed scale gives black or washed-out images;
+    stretching each band between its 2nd and 98th percentile is the usual remote-sensing display and is
+    independent of whether the input is raw uint16 digital numbers, scaled floats or normalised values.
 
     Args:
-        image_s2: (C, H, W) float or integer array. With 13 or more channels (S2, or S2 followed by S1) bands B04, B03,
-            B02 (:data:`weakseg.data.classes.S2_RGB_INDICES`) are used; with exactly 3 channels they are taken as
-            R, G, B.
+        image_s2: (C, H, W) float or integer array. With 13 or more channels (S2, or S2 followed by S1) bands
+            B04, B03, B02 (:data:`weakseg.data.classes.S2_RGB_INDICES`) are used; with exactly 3 channels they
+            are taken as R, G, B.
         rgb_indices: channel indices of red, green and blue, overriding the rule above.
         percentiles: lower and upper percentile of the stretch, per band, over the finite pixels.
 
     Returns:
-        (H, W, 3) uint8; the lower percentile maps to 0, the upper to 255, non-finite pixels to 0. A constant band
-        is black.
+        (H, W, 3) uint8; the lower percentile maps to 0, the upper to 255, non-finite pixels to 0. A constant
+        band is black.
 
     Raises:
         WeaksegError: if the array is not (C, H, W) or the channels do not allow a true-colour rendering.
@@ -68,14 +69,14 @@ def s2_true_color(
     if image.ndim != 3:
         raise WeaksegError(f"true-colour rendering expects a (C, H, W) image, got shape {image.shape}")
     if rgb_indices is None:
-        if image.shape[0] >= len(S2_RGB_INDICES) + 10:  # 13 S2 bands (+ optional S1)
+        if image.shape[0] >= len(S2_BANDS):  # 13 S2 bands, optionally followed by S1
             rgb_indices = S2_RGB_INDICES
         elif image.shape[0] == 3:
             rgb_indices = (0, 1, 2)
         else:
             raise WeaksegError(
-                f"cannot render {image.shape[0]} channels as true colour: expected 13 S2 bands (optionally followed "
-                f"by S1) or 3 RGB channels; pass rgb_indices"
+                f"cannot render {image.shape[0]} channels as true colour: expected 13 S2 bands "
+                f"(optionally followed by S1) or 3 RGB channels; pass rgb_indices"
             )
     lo_pct, hi_pct = percentiles
     rgb = np.zeros((*image.shape[1:], 3), dtype=np.uint8)  # (H, W, 3)
@@ -112,7 +113,8 @@ def colorize_mask(
     Args:
         mask: (H, W) integer class ids in ``[0, len(colors))``, 255 = ignore / unlabelled.
         colors: one colour per class ('#rrggbb' strings as in :data:`DFC_CLASS_COLORS`, or RGB tuples).
-        ignore_color: colour of 255 pixels (dark grey by default, so "unlabelled" is never mistaken for a class).
+        ignore_color: colour of 255 pixels (dark grey by default, so "unlabelled" is never mistaken for a
+            class).
 
     Returns:
         (H, W, 3) uint8.
@@ -130,17 +132,17 @@ def colorize_mask(
     bad = (ids != IGNORE_INDEX) & ((ids < 0) | (ids >= len(colors)))
     if bad.any():
         raise WeaksegError(
-            f"mask holds class ids {np.unique(ids[bad])[:10].tolist()} but only {len(colors)} class colours are "
-            f"given (255 = ignore)"
+            f"mask holds class ids {np.unique(ids[bad])[:10].tolist()} but only {len(colors)} class "
+            f"colours are given (255 = ignore)"
         )
     return lut[ids]  # (H, W, 3)
 
 
 def attention_mass_mask(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
-    """The smallest set of positions holding at least ``mass`` of the attention, per map (DINO, Caron et al. 2021).
+    """The smallest set of positions holding ``mass`` of the attention, per map (DINO, Caron et al. 2021).
 
-    Positions are taken in order of decreasing attention until their sum reaches ``mass`` times the total; ties
-    keep the earlier position (stable sort). An all-zero map (a pruned head) gives an empty set.
+    Positions are taken in order of decreasing attention until their sum reaches ``mass`` times the total;
+    ties keep the earlier position (stable sort). An all-zero map (a pruned head) gives an empty set.
 
     Args:
         attention: (..., h, w) non-negative attention maps.
@@ -163,7 +165,7 @@ def attention_mass_mask(attention: np.ndarray, mass: float = 0.6) -> np.ndarray:
     return keep.reshape(attn.shape)
 
 
-# ---- figure plumbing -----------------------------------------------------------------------------------------
+# ---- figure plumbing --------------------------------------------------------------------------------
 def _new_figure(width: float, height: float, dpi: int) -> Figure:
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
@@ -212,13 +214,13 @@ def _draw_patch_outline(ax: object, region: np.ndarray, upsample: int = 8) -> No
     ax.contour(xs, ys, fine, levels=[0.5], colors="white", linewidths=1.2)  # type: ignore[attr-defined]
 
 
-# ---- figures -------------------------------------------------------------------------------------------------
+# ---- figures ----------------------------------------------------------------------------------------
 def plot_pseudomask_panel(
     rows: Sequence[Mapping[str, object]],
     columns: Sequence[str],
-    class_names: Sequence[str] = DFC_CLASS_NAMES,
-    class_colors: Sequence[Color] = DFC_CLASS_COLORS,
-    path: str | os.PathLike = "pseudomasks.png",
+    class_names: Sequence[str],
+    class_colors: Sequence[Color],
+    path: str | os.PathLike,
     title: str | None = None,
     panel_size: float = 2.0,
     dpi: int = 100,
@@ -226,13 +228,14 @@ def plot_pseudomask_panel(
     """One row per tile: the true-colour image, then one mask per named column, with one shared class legend.
 
     Args:
-        rows: one dict per tile with ``"id"`` (row label), ``"image"`` ((C, H, W) bands, or (H, W, 3) uint8 already
-            rendered) and one (H, W) mask per entry of ``columns`` (255 = unlabelled). A missing column is drawn as
-            an empty panel marked "n/a" (e.g. no ground truth for a tile).
+        rows: one dict per tile with ``"id"`` (row label), ``"image"`` ((C, H, W) bands, or (H, W, 3) uint8
+            already rendered) and one (H, W) mask per entry of ``columns`` (255 = unlabelled). A missing
+            column is drawn as an empty panel marked "n/a" (e.g. no ground truth for a tile).
         columns: mask keys in display order, also the column titles, e.g. ``["ground truth", "Grad-CAM",
             "attention", "pruned attention", "refined"]``.
-        class_names, class_colors: legend entries and mask colours; fixed for every panel so colours compare
-            across methods.
+        class_names, class_colors: legend entries and mask colours (e.g. ``DFC_CLASS_NAMES`` and
+            ``DFC_CLASS_COLORS`` of :mod:`weakseg.data.classes`); fixed for every panel so colours compare across
+            methods.
         path: PNG to write.
         title: figure title.
         panel_size: inches per panel; the PNG is ``(1 + len(columns)) * panel_size * dpi`` pixels wide.
@@ -252,7 +255,8 @@ def plot_pseudomask_panel(
     fig = _new_figure(n_cols * panel_size, len(rows) * panel_size + extra, dpi)
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
-        panels: list[tuple[str, np.ndarray | None]] = [("true colour", _as_rgb_display(row["image"]))]  # type: ignore[arg-type]
+        image = np.asarray(row["image"])
+        panels: list[tuple[str, np.ndarray | None]] = [("true colour", _as_rgb_display(image))]
         for column in columns:
             mask = row.get(column)
             panels.append((column, None if mask is None else colorize_mask(np.asarray(mask), class_colors)))
@@ -260,8 +264,8 @@ def plot_pseudomask_panel(
             ax = axes[r, c]
             ax.set_xticks([])
             ax.set_yticks([])
-            if rgb is None:
-                ax.set_facecolor("#f0f0f0")
+            if rgb is None:  # a light-grey placeholder of the tile's size keeps the panel aspect
+                ax.imshow(np.full_like(panels[0][1], 240), interpolation="nearest")  # type: ignore[arg-type]
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="grey")
             else:
                 ax.imshow(rgb, interpolation="nearest")
@@ -296,8 +300,8 @@ def plot_attention_grid(
     """One panel per attention head; pruned heads greyed, crossed and labelled "pruned".
 
     Args:
-        maps: (heads, h, w) CLS->patch attention of one block, or (layers, heads, h, w) for several blocks (one row
-            per layer).
+        maps: (heads, h, w) CLS->patch attention of one block, or (layers, heads, h, w) for several blocks
+            (one row per layer).
         kept: bool (heads,) or (layers, heads), True = head kept (``GatedViT.head_mask()`` rows).
         path: PNG to write.
         image: optional (C, H, W) bands or (H, W, 3) uint8 tile, drawn first (top-left).
@@ -305,7 +309,8 @@ def plot_attention_grid(
             attention (Caron et al. 2021 use 0.6); None draws no contour.
         title: figure title.
         layer_indices: labels of the rows (block numbers) for 4-D ``maps``; default 0..layers-1.
-        panel_size: inches per panel; the PNG is ``(heads + (image is not None)) * panel_size * dpi`` pixels wide.
+        panel_size: inches per panel; the PNG is ``(heads + (image is not None)) * panel_size * dpi`` pixels
+            wide.
         dpi: resolution.
 
     Returns:
@@ -325,7 +330,9 @@ def plot_attention_grid(
         raise WeaksegError(f"attention maps must be (heads, h, w) or (layers, heads, h, w), got {maps.shape}")
     n_layers, n_heads = maps.shape[:2]
     if kept.shape != (n_layers, n_heads):
-        raise WeaksegError(f"kept mask has shape {kept.shape}, expected {(n_layers, n_heads)} to match the maps")
+        raise WeaksegError(
+            f"kept mask has shape {kept.shape}, expected {(n_layers, n_heads)} to match the maps"
+        )
     offset = 1 if image is not None else 0
     n_cols = n_heads + offset
     fig = _new_figure(n_cols * panel_size, n_layers * panel_size + (0.4 if title else 0.1), dpi)
@@ -362,8 +369,16 @@ def plot_attention_grid(
                 ax.set_xlim(-0.5, w - 0.5)
                 ax.set_ylim(h - 0.5, -0.5)
                 ax.text(
-                    0.5, 0.5, "pruned", transform=ax.transAxes, ha="center", va="center", fontsize=9,
-                    color=_CROSS_COLOR, fontweight="bold", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5},
+                    0.5,
+                    0.5,
+                    "pruned",
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color=_CROSS_COLOR,
+                    fontweight="bold",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5},
                 )
                 ax.set_title(f"{name} (pruned)", fontsize=8, color="grey")
     if title:
@@ -402,7 +417,8 @@ def plot_gate_map(
     cell = 0.55 if log_alpha is not None else 0.4
     fig = _new_figure(heads * cell + 2.2, depth * cell + 1.1, dpi)
     ax = fig.subplots()
-    rgb = np.where(kept[..., None], np.array(to_rgb(_KEPT_COLOR)), np.array(to_rgb(_PRUNED_COLOR)))  # (depth, heads, 3)
+    kept_rgb, pruned_rgb = np.array(to_rgb(_KEPT_COLOR)), np.array(to_rgb(_PRUNED_COLOR))
+    rgb = np.where(kept[..., None], kept_rgb, pruned_rgb)  # (depth, heads, 3)
     ax.imshow(rgb, interpolation="nearest", aspect="equal")
     ax.set_xticks(np.arange(heads))
     ax.set_yticks(np.arange(depth))
@@ -472,7 +488,7 @@ def plot_metric_bars(
             raise WeaksegError(
                 f"method {method!r} has no score for {missing}; it has {sorted(scores[method])}"
             )
-    values = np.array([[float(scores[method][m]) for m in metrics] for method in methods])  # (methods, metrics)
+    values = np.array([[float(scores[name][m]) for m in metrics] for name in methods])  # (methods, metrics)
     fig = _new_figure(max(3.5, 0.9 * len(methods) * max(1, len(metrics) * 0.7) + 1.2), 3.2, dpi)
     ax = fig.subplots()
     x = np.arange(len(methods))
@@ -482,7 +498,8 @@ def plot_metric_bars(
         ax.bar_label(bars, fmt="%.3f" if values.max() <= 1 else "%.1f", fontsize=7, padding=1)
     ax.set_xticks(x, methods, fontsize=8, rotation=20 if max(len(m) for m in methods) > 10 else 0)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_ylim(0, (1.0 if values.max() <= 1 else values.max()) * 1.12)
+    headroom = 1.12 if len(metrics) == 1 else 1.25  # room for the value labels (and the legend)
+    ax.set_ylim(0, (1.0 if values.max() <= 1 else values.max()) * headroom)
     ax.spines[["top", "right"]].set_visible(False)
     if len(metrics) > 1:
         ax.legend(fontsize=7, frameon=False, ncols=len(metrics), loc="upper left")

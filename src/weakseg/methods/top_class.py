@@ -1,0 +1,52 @@
+"""The floor of every pseudomask comparison: each pixel takes the image's most probable class.
+
+Any WSSS method (Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic
+Segmentation", CVPRW 2023, and the Grad-CAM baseline) must beat this. On DFC2020 tiles a single land-cover class often
+dominates, so the floor is far from zero and reporting it keeps gains honest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from weakseg.methods.common import (
+    STATUS_OK,
+    PseudomaskResult,
+    check_label_inputs,
+    check_out_size,
+    constant_masks,
+    top_class,
+)
+
+REASON_TOP_CLASS = "top_class"
+
+
+def top_class_pseudomasks(
+    probs: Tensor, out_size: tuple[int, int], label_sets: Tensor | None = None
+) -> PseudomaskResult:
+    """Every pixel = the most probable class (among ``label_sets`` where an image's set is non-empty).
+
+    Restricting to the label set only matters in oracle mode, where the ground-truth labels may exclude the
+    classifier's favourite; with predicted labels (``probs > 0.5``) the top class is already in the set.
+
+    Args:
+        probs: (B, C) class probabilities.
+        out_size: (H, W) of the masks.
+        label_sets: optional (B, C) bool labels.
+
+    Returns:
+        A :class:`PseudomaskResult`; every image has status ``ok`` and reason ``top_class``.
+    """
+    if label_sets is not None:
+        check_label_inputs(probs, label_sets)
+        label_sets = label_sets.to(probs.device)
+    elif probs.ndim != 2:
+        raise ValueError(f"probs must be (B, C), got {tuple(probs.shape)}")
+    H, W = check_out_size(out_size)
+    first = top_class(probs, label_sets)  # (B,)
+    used = torch.nn.functional.one_hot(first, probs.shape[1]).bool()  # (B, C)
+    B = probs.shape[0]
+    return PseudomaskResult(
+        constant_masks(first, (H, W)), [STATUS_OK] * B, [REASON_TOP_CLASS] * B, used.cpu().numpy()
+    )

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny synthetic DFC2020 data (generated once per session) and the real sample patch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two-core CI machine: keep intra-op threads predictable.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REAL_DFC_SAMPLE = FIXTURES / "dfc2020_sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_dfc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic DFC2020-layout data: 24 training tiles and 8 test tiles of 32x32."""
+    from weakseg.data.synthetic import generate_synthetic_dfc2020
+
+    root = tmp_path_factory.mktemp("tiny_dfc")
+    generate_synthetic_dfc2020(root, num_tiles={"validation": 24, "test": 8}, tile_size=32, seed=3)
+    return root
+
+
+@pytest.fixture()
+def real_dfc() -> Path:
+    return REAL_DFC_SAMPLE
