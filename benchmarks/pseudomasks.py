@@ -1,21 +1,22 @@
-"""Benchmark: batched attention-clustering pseudomasks vs a per-image implementation of the original algorithm.
+"""Benchmark: batched attention-clustering pseudomasks vs a per-image version of the original algorithm.
 
-Method: Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
-CVPRW 2023 (``sparse_vit.md`` section 3). Both implementations run in this process on the same synthetic
-attention maps (a few smooth blobs per image, one per label, each kept head attending mostly to one blob; seeded):
+Method: Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic
+Segmentation", CVPRW 2023 (``sparse_vit.md`` section 3). Both implementations run in this process on the same
+synthetic attention maps (a few smooth blobs per image, one per label, each kept head attending mostly to one
+blob; seeded):
 
 - **ours**: :func:`weakseg.methods.attention_clustering.attention_pseudomasks` in fixed-size batches;
 - **reference**: the released algorithm image by image -- scikit-learn ``KMeans`` with k-means++ and
-  ``n_init=10`` (set explicitly) and ``random_state`` 24 over the head maps, ``KMeans(2, random_state=21)`` on each
-  cluster map's pixels, rank matching, painting, and the brute-force nearest fill over all pairwise distances.
-  Where the original dropped an image (no label, fewer heads than labels) the reference uses our documented
-  fallback, so that the two outputs can be compared on every image.
+  ``n_init=10`` (set explicitly) and ``random_state`` 24 over the head maps, ``KMeans(2, random_state=21)`` on
+  each cluster map's pixels, rank matching, painting, and the brute-force nearest fill over all pairwise
+  distances. Where the original dropped an image (no label, fewer heads than labels) the reference uses our
+  documented fallback, so that the two outputs can be compared on every image.
 
-Printed: images/s of each (the reference runs on fewer images; its per-image time is extrapolated), the speed-up,
-the agreement (mIoU and pixel agreement of ours against the reference, on all compared images and on those with two
-or more labels), and peak memory for two dataset sizes (tracemalloc peak of Python/numpy allocations and the process
-max RSS), showing that memory does not grow with the number of tiles. Run with ``OMP_NUM_THREADS=1`` for the
-single-core figures::
+Printed: images/s of each (the reference runs on fewer images; its per-image time is extrapolated), the
+speed-up, the agreement (mIoU and pixel agreement of ours against the reference, on all compared images and on
+those with two or more labels), and peak memory for two dataset sizes (tracemalloc peak of Python/numpy
+allocations and the process max RSS), showing that memory does not grow with the number of tiles. Run with
+``OMP_NUM_THREADS=1`` for the single-core figures::
 
     OMP_NUM_THREADS=1 python benchmarks/pseudomasks.py
 """
@@ -44,9 +45,10 @@ NUM_CLASSES = 8
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[256, 1024],
-                        help="two dataset sizes (images) for ours; memory should not grow from the first to the second")
+                        help="two dataset sizes (images) for ours; memory should not grow with the size")
     parser.add_argument("--reference-images", type=int, default=24,
-                        help="images for the slow per-image reference (its time per image is extrapolated)")
+                        help="images for the slow per-image reference (its time per image is extrapolated); 0 "
+                             "skips it, as needed at 224x224 where its brute-force fill needs ~(HW)^2/4 distances")
     parser.add_argument("--out-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
                         help="pseudomask size; the paper uses 224 224 (with --grid 16 16 --heads 16)")
     parser.add_argument("--grid", type=int, nargs=2, default=[8, 8], metavar=("h", "w"), help="patch grid")
@@ -58,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- synthetic attention ---------------------------------------------------------------------------------------
+# ---- synthetic attention -----------------------------------------------------------------------------------
 def synthetic_batch(
     start: int, count: int, args: argparse.Namespace
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,11 +98,11 @@ def batches(total: int, args: argparse.Namespace) -> Iterator[tuple[torch.Tensor
         yield synthetic_batch(start, min(args.batch_size, total - start), args)
 
 
-# ---- the per-image reference -----------------------------------------------------------------------------------
+# ---- the per-image reference -------------------------------------------------------------------------------
 def reference_pseudomask(
     head_maps: np.ndarray, probs: np.ndarray, labels: np.ndarray, out_size: tuple[int, int]
 ) -> np.ndarray:
-    """The original algorithm for one image (head_maps (heads, h, w)), with our fallbacks where it dropped images."""
+    """The original algorithm on one image's (heads, h, w) maps; our fallbacks where it dropped images."""
     H, W = out_size
     order_classes = np.argsort(-probs, kind="stable")
     ranked_labels = [c for c in order_classes if labels[c]]
@@ -116,7 +118,8 @@ def reference_pseudomask(
     rows = []
     for m in kept:
         m = torch.from_numpy(m / m.max())[None, None].float()
-        rows.append(F.interpolate(m, size=out_size, mode="bilinear", align_corners=False).flatten().double().numpy())
+        up = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)  # cv2 INTER_LINEAR
+        rows.append(up.flatten().double().numpy())
     X = np.stack(rows)  # (K, H*W)
     assign = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=24).fit(X).labels_
     cluster_maps, strengths, foregrounds = [], [], []
@@ -142,7 +145,7 @@ def reference_pseudomask(
     return painted.reshape(H, W).astype(np.uint8)
 
 
-# ---- measurements ----------------------------------------------------------------------------------------------
+# ---- measurements ------------------------------------------------------------------------------------------
 def confusion(a: np.ndarray, b: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Confusion matrix with rows = reference ``a``, columns = ours ``b``."""
     idx = a.astype(np.int64).ravel() * num_classes + b.astype(np.int64).ravel()
@@ -163,9 +166,11 @@ def max_rss_mib() -> float:
 
 
 def run_ours(total: int, args: argparse.Namespace, keep_first: int = 0) -> tuple[float, Counter, np.ndarray]:
-    """Generate ``total`` masks batch by batch, keeping only reason counts (and the first masks for agreement).
+    """Generate ``total`` masks batch by batch, keeping only reason counts (and the first masks for
+    agreement).
 
-    Returns seconds spent in the method (synthesis excluded), reason counts and the first ``keep_first`` masks.
+    Returns seconds spent in the method (synthesis excluded), reason counts and the first ``keep_first``
+    masks.
     """
     seconds, reasons, kept_masks = 0.0, Counter(), []
     for head_maps, kept, probs, labels in batches(total, args):
@@ -204,25 +209,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"tracemalloc peak {peak / 2**20:6.1f} MiB  max RSS so far {max_rss_mib():7.1f} MiB")
         print(f"ours reasons ({args.sizes[-1]} images): {dict(sorted(reasons.items()))}")
 
-        # Reference on the first images of the same stream.
-        m = args.reference_images
-        _, _, ours_masks = run_ours(m, args, keep_first=m)
-        ref_masks, ref_seconds = [], 0.0
-        for head_maps, _, probs, labels in batches(m, args):
-            for i in range(len(probs)):
-                t0 = time.perf_counter()
-                ref_masks.append(
-                    reference_pseudomask(head_maps[i].numpy(), probs[i].numpy(), labels[i].numpy(), out_size)
-                )
-                ref_seconds += time.perf_counter() - t0
-        ref_masks = np.stack(ref_masks)
-        ref_speed = m / ref_seconds
-        print(f"reference {m:6d} images: {ref_seconds:7.2f} s  {ref_speed:8.2f} images/s  "
-              f"({1000 * ref_seconds / m:.0f} ms/image; {args.sizes[-1]} images would take "
-              f"{args.sizes[-1] * ref_seconds / m / 60:.1f} min)  max RSS so far {max_rss_mib():7.1f} MiB")
+        if args.reference_images > 0:
+            compare_with_reference(args, speeds[args.sizes[-1]])
+    return 0
 
-    best_ours = max(speeds.values())
-    print(f"speed-up: {best_ours / ref_speed:.1f}x (target >= 20x)")
+
+def compare_with_reference(args: argparse.Namespace, ours_speed: float) -> None:
+    """Run the per-image reference on the first images of the same stream; print speed-up and agreement."""
+    m, out_size = args.reference_images, tuple(args.out_size)
+    _, _, ours_masks = run_ours(m, args, keep_first=m)
+    ref_masks, ref_seconds = [], 0.0
+    for head_maps, _, probs, labels in batches(m, args):
+        for i in range(len(probs)):
+            t0 = time.perf_counter()
+            ref_masks.append(
+                reference_pseudomask(head_maps[i].numpy(), probs[i].numpy(), labels[i].numpy(), out_size)
+            )
+            ref_seconds += time.perf_counter() - t0
+    ref_masks = np.stack(ref_masks)
+    ref_speed = m / ref_seconds
+    print(f"reference {m:6d} images: {ref_seconds:7.2f} s  {ref_speed:8.2f} images/s  "
+          f"({1000 * ref_seconds / m:.0f} ms/image; {args.sizes[-1]} images would take "
+          f"{args.sizes[-1] * ref_seconds / m / 60:.1f} min)  max RSS so far {max_rss_mib():7.1f} MiB")
+    print(f"speed-up: {ours_speed / ref_speed:.1f}x (ours on {args.sizes[-1]} images; target >= 20x)")
 
     n_labels = np.concatenate([lab.sum(1).numpy() for _, _, _, lab in batches(m, args)])
     multi = n_labels >= 2
@@ -233,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"agreement on the {int(multi.sum())} images with >= 2 labels: mIoU {miou(cm_multi):.4f}, "
           f"pixels {np.trace(cm_multi) / cm_multi.sum():.4f}; identical masks: "
           f"{int((ref_masks[multi] == ours_masks[multi]).all(axis=(1, 2)).sum())}/{int(multi.sum())}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,3 +28,17 @@ def tiny_dfc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def real_dfc() -> Path:
     return REAL_DFC_SAMPLE
+
+
+TINY_VIT_FLAGS = ["--embed_dim", "24", "--depth", "2", "--num_heads", "4", "--patch_size", "8", "--imgsize", "32",
+                  "--train_batch_size", "8", "--num_epochs", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dfc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gated ViT trained for one epoch on the tiny data through the real CLI."""
+    from weakseg.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert main(["train", "--datadir", str(tiny_dfc), "--prune", "--output_dir", str(out), *TINY_VIT_FLAGS]) == 0
+    return out / "checkpoints" / "last.ckpt"

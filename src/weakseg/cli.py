@@ -49,6 +49,9 @@ def setup_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is not georeferenced.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # config.yaml is written into the run folder before the CSV logger starts; nothing of ours is deleted.
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
 
 

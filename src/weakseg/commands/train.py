@@ -73,6 +73,7 @@ class TrainConfig:
     resume: bool = False
     synthetic_tiles: list[int] = field(default_factory=lambda: [256, 64])
     synthetic_tile_size: int = 64
+    cache_data: bool = False
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -117,6 +118,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
     g.add_argument("--augmentations", nargs="*", help="fliprot and/or affine (joint on S1, S2 and mask)")
     g.add_argument("--num_workers", type=int)
+    g.add_argument("--cache_data", action=bool_flag, help="keep tiles in memory (default on for built-in data)")
     g = p.add_argument_group("model")
     g.add_argument("--patch_size", type=int)
     g.add_argument("--embed_dim", type=int)
@@ -198,7 +200,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         datadir, dataset=cfg.dataset, modality=modality, img_size=cfg.imgsize, train_split=cfg.train_split,
         val_split=cfg.val_split, batch_size=cfg.train_batch_size, eval_batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers, normalization=cfg.normalization, augmentations=cfg.augmentations,
-        label_threshold=cfg.label_threshold,
+        label_threshold=cfg.label_threshold, cache=cfg.cache_data or not cfg.datadir,
     )
     dm.prepare_stats()
     reader = dm.open(cfg.train_split, "val")
@@ -229,7 +231,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     monitor = "val_macro_f1" if cfg.val_split else "train_macro_f1"
     best = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True,
-        auto_insert_metric_name=False,
+        auto_insert_metric_name=False, enable_version_counter=False,
     )
     best.CHECKPOINT_NAME_LAST = "last"
     callbacks: list[Any] = [best]

@@ -22,7 +22,7 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
             a class-names file and image labels or masks; see the README).
         root: dataset folder.
         split: split name ("validation" / "test" for DFC2020; a split list name or "all" for folders).
-        kwargs: reader options (``modality``, ``transform``, ``label_threshold``).
+        kwargs: reader options (``modality``, ``transform``, ``label_threshold``, ``cache``).
     """
     if kind == "dfc2020":
         from weakseg.data.dfc2020 import DFC2020Dataset
@@ -32,6 +32,7 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
         from weakseg.data.folder import FolderDataset
 
         kwargs.pop("modality", None)
+        kwargs.pop("cache", None)
         return FolderDataset(root, split, **kwargs)
     raise DataError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
 

@@ -53,6 +53,7 @@ class WeakSegDataModule(L.LightningDataModule):
         batch_size: training batch per device; ``eval_batch_size`` for validation and predict (default 2x).
         normalization: "none", "per_image_max" or "standardize" (band statistics computed on the train split).
         augmentations: names from :data:`weakseg.data.transforms.AUGMENTATIONS`.
+        cache: keep tiles in memory after the first read (small datasets).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class WeakSegDataModule(L.LightningDataModule):
         augmentations: Sequence[str] = ("fliprot",),
         label_threshold: float = 0.10,
         band_stats: tuple[list[float], list[float]] | None = None,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         self.datadir = Path(datadir)
@@ -82,6 +84,7 @@ class WeakSegDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.num_workers = num_workers
         self.label_threshold = label_threshold
+        self.cache = cache
         self.data_config: dict[str, Any] = {
             "dataset": dataset,
             "modality": modality,
@@ -102,6 +105,7 @@ class WeakSegDataModule(L.LightningDataModule):
             modality=self.modality,
             transform=build_transform(stage, self.img_size, self.data_config),
             label_threshold=self.label_threshold,
+            cache=self.cache,
         )
 
     def prepare_stats(self) -> None:

@@ -1,34 +1,35 @@
 """Pseudomasks from clustered attention heads: the method of the sparse ViT paper, batched.
 
 Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
-CVPRW 2023 (``sparse_vit.md`` section 3). Per image, the CLS->patch attention maps of the *kept* heads of the last
-block are max-normalised and upsampled; the heads are clustered with k-means (k = number of labels); each cluster's
-mean map is split into foreground/background by a 1-D 2-means on its pixel intensities; maps are matched to classes
-by rank (strongest foreground <-> most probable class) and painted weakest first, so the strongest map wins overlaps;
-the remaining pixels take the label of the nearest painted pixel.
+CVPRW 2023 (``sparse_vit.md`` section 3). Per image, the CLS->patch attention maps of the *kept* heads of the
+last block are max-normalised and upsampled; the heads are clustered with k-means (k = number of labels); each
+cluster's mean map is split into foreground/background by a 1-D 2-means on its pixel intensities; maps are
+matched to classes by rank (strongest foreground <-> most probable class) and painted weakest first, so the
+strongest map wins overlaps; the remaining pixels take the label of the nearest painted pixel.
 
 How this implementation differs from the released per-image code, and why:
 
-- **Batched.** All images of a batch go through each step at once on the model's device; the only per-image Python
-  work is bookkeeping and one C call of the distance transform.
+- **Batched.** All images of a batch go through each step at once on the model's device; the only per-image
+  Python work is bookkeeping and one C call of the distance transform.
 - **k-means on Gram matrices, at patch resolution, exactly.** Bilinear upsampling is linear and separable
   (``X = U_h x U_w^T``), so the inner products of the upsampled maps are ``<x_a, M_h x_b M_w>`` with
-  ``M = U^T U``, computable on the (h, w) patch grid. k-means needs only these inner products (a centre is the mean
-  of its members, so every distance expands into Gram entries), and cluster means commute with upsampling. Hence
-  clustering runs on a (K, K) matrix per image in float64 and gives the same partition as k-means on the
-  (K, H*W) upsampled maps -- no downsampling approximation is needed.
+  ``M = U^T U``, computable on the (h, w) patch grid. k-means needs only these inner products (a centre is the
+  mean of its members, so every distance expands into Gram entries), and cluster means commute with
+  upsampling. Hence clustering runs on a (K, K) matrix per image in float64 and gives the same partition as
+  k-means on the (K, H*W) upsampled maps -- no downsampling approximation is needed.
 - **Variable k.** Images with different numbers of labels are clustered together: centres are padded to the
   largest k of the batch and padded centres are masked out (infinite distance).
-- **Reproducible and batch-independent.** The greedy k-means++ initialisation (as scikit-learn) draws its uniforms from a CPU
-  :class:`torch.Generator` seeded with ``seed`` (24, as the original's ``random_state``); the *same* draws serve every
-  image, so an image's mask does not depend on its batch or its position in it (resumed runs reproduce masks).
-  Each of ``n_init`` restarts (10, the pre-1.4 scikit-learn default the original relied on) runs Lloyd iterations
-  until no assignment changes (or ``max_iter``); the restart with the lowest inertia wins. Empty clusters are
-  re-seeded with the point farthest from its centre, as scikit-learn does.
-- **Exact 1-D 2-means.** In one dimension the optimal 2-means partition is a threshold split of the sorted values,
-  so sorting each cluster map and scanning all split points with prefix sums finds the global optimum of the
-  within-cluster sum of squares (the original ran Lloyd iterations, ``random_state`` 21, which can stop in a local
-  optimum). Splits are only taken between distinct values; a constant map has no split.
+- **Reproducible and batch-independent.** The greedy k-means++ initialisation (as scikit-learn) draws its
+  uniforms from a CPU :class:`torch.Generator` seeded with ``seed`` (24, as the original's ``random_state``);
+  the *same* draws serve every image, so an image's mask does not depend on its batch or its position in it
+  (resumed runs reproduce masks). Each of ``n_init`` restarts (10, the pre-1.4 scikit-learn default the
+  original relied on) runs Lloyd iterations until no assignment changes (or ``max_iter``); the restart with
+  the lowest inertia wins. Empty clusters are re-seeded with the point farthest from its centre, as
+  scikit-learn does.
+- **Exact 1-D 2-means.** In one dimension the optimal 2-means partition is a threshold split of the sorted
+  values, so sorting each cluster map and scanning all split points with prefix sums finds the global optimum
+  of the within-cluster sum of squares (the original ran Lloyd iterations, ``random_state`` 21, which can stop
+  in a local optimum). Splits are only taken between distinct values; a constant map has no split.
 - **Defined failures** (defect 1 of the original: silently dropped images). See :func:`attention_pseudomasks`.
 """
 
@@ -64,7 +65,7 @@ from weakseg.models.vit import GatedViT
 REASON_CLUSTERED = "clustered"
 REASON_FEWER_HEADS = "fewer_heads_than_labels"
 REASON_NO_HEADS = "no_heads_kept"
-#: Followed by ``:<class id>``: the cluster matched to that class had a constant mean map, so it was not painted.
+#: ``:<class id>`` follows: the cluster matched to that class had a constant mean map; it was not painted.
 REASON_EMPTY_FOREGROUND = "empty_foreground"
 
 #: Rows x pixels per chunk of the 1-D 2-means (bounds its float64 temporaries to a few tens of MB).
@@ -75,8 +76,8 @@ _TWO_MEANS_CHUNK_ELEMENTS = 1 << 22
 def head_maps_from_model(model: GatedViT, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Run the classifier once in eval mode and return what :func:`attention_pseudomasks` needs.
 
-    Eval mode makes the head gates deterministic (a head is kept iff its ``log_alpha > 0``); the previous mode is
-    restored afterwards.
+    Eval mode makes the head gates deterministic (a head is kept iff its ``log_alpha > 0``); the previous mode
+    is restored afterwards.
 
     Returns:
         head_maps: (B, heads, h, w) CLS->patch attention of the last block (pruned heads are all zero).
@@ -97,7 +98,7 @@ def head_maps_from_model(model: GatedViT, images: Tensor) -> tuple[Tensor, Tenso
 
 
 def upsample_matrix(n_in: int, n_out: int) -> Tensor:
-    """The (n_out, n_in) float64 matrix of 1-D linear resizing with half-pixel centres (``align_corners=False``)."""
+    """(n_out, n_in) float64 matrix of 1-D linear resizing, half-pixel centres (``align_corners=False``)."""
     eye = torch.eye(n_in, dtype=torch.float64)[:, None, :, None]  # (n_in, 1, n_in, 1): one impulse per row
     resized = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)  # (n_in, 1, n_out, 1)
     return resized[:, 0, :, 0].T.contiguous()
@@ -111,7 +112,8 @@ def bilinear_gram(maps: Tensor, out_size: tuple[int, int]) -> Tensor:
         out_size: (H, W).
 
     Returns:
-        (B, K, K) float64 Gram matrices on the CPU, equal to those of ``upsample_maps(maps, out_size)`` flattened.
+        (B, K, K) float64 Gram matrices on the CPU, equal to those of ``upsample_maps(maps, out_size)``
+        flattened.
     """
     x = maps.detach().to("cpu", torch.float64)  # (B, K, h, w)
     h, w = x.shape[-2:]
@@ -124,14 +126,14 @@ def bilinear_gram(maps: Tensor, out_size: tuple[int, int]) -> Tensor:
 
 
 def _distances_to_points(gram: Tensor, sq_norms: Tensor, idx: Tensor) -> Tensor:
-    """Squared distances from every point to point ``idx``: gram (B, R, K, K), sq_norms (B, R, K), idx (B, R)."""
+    """Squared distances of all points to point ``idx``: gram (B, R, K, K), sq_norms (B, R, K), idx (B, R)."""
     B, R, K, _ = gram.shape
     cross = gram.gather(-1, idx[:, :, None, None].expand(B, R, K, 1)).squeeze(-1)  # (B, R, K)
     return (sq_norms + sq_norms.gather(-1, idx[..., None]) - 2 * cross).clamp_min(0)
 
 
 def _distances_to_means(gram: Tensor, sq_norms: Tensor, assign: Tensor, kmax: int, valid: Tensor) -> Tensor:
-    """Squared distances (B, R, K, kmax) to the member means of ``assign``; padded or empty clusters are inf."""
+    """Squared distances (B, R, K, kmax) to the member means of ``assign``; padded/empty clusters are inf."""
     members = F.one_hot(assign, kmax).to(gram.dtype)  # (B, R, K, kmax)
     counts = members.sum(dim=-2)  # (B, R, kmax)
     sums = gram @ members  # (B, R, K, kmax): sum over members m of <x_i, x_m>
@@ -166,9 +168,10 @@ def kmeans_gram(
 
     Greedy k-means++ initialisation (each next centre is the best, by resulting potential, of ``2 + ln k``
     candidates drawn with probability proportional to the squared distance to the nearest chosen centre, as in
-    scikit-learn), then Lloyd iterations until no assignment changes; the best of ``n_init`` restarts by inertia.
-    The uniforms come from ``torch.Generator().manual_seed(seed)`` and are shared by all images, laid out by
-    centre index, restart and trial, so they do not depend on the batch, its largest k or an image's position.
+    scikit-learn), then Lloyd iterations until no assignment changes; the best of ``n_init`` restarts by
+    inertia. The uniforms come from ``torch.Generator().manual_seed(seed)`` and are shared by all images, laid
+    out by centre index, restart and trial, so they do not depend on the batch, its largest k or an image's
+    position.
 
     Args:
         gram: (B, K, K) inner products of the points.
@@ -191,9 +194,9 @@ def kmeans_gram(
         raise ValueError(f"every k must be in [1, {K}] (the number of points), got {k.tolist()}")
     kmax = int(k.max())
     R = n_init
-    # Greedy k-means++ (as scikit-learn): 2 + floor(ln k) candidates per new centre, keep the one that lowers the
-    # potential most. Draws are laid out by (centre index, restart, trial) with the trial count capped by K, so
-    # they depend only on K, n_init and the seed.
+    # Greedy k-means++ (as scikit-learn): 2 + floor(ln k) candidates per new centre, keep the one that lowers
+    # the potential most. Draws are laid out by (centre index, restart, trial) with the trial count capped by
+    # K, so they depend only on K, n_init and the seed.
     max_trials = 2 + int(math.log(K))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     uniforms = torch.rand(K, R, 1 + max_trials, generator=generator, dtype=torch.float64).to(device)
@@ -247,7 +250,8 @@ class TwoMeans:
 
     Attributes:
         threshold: (N,) foreground = ``value >= threshold``; +inf where no split exists.
-        foreground_mean: (N,) mean of the foreground values (the higher centre); the row mean where no split exists.
+        foreground_mean: (N,) mean of the foreground values (the higher centre); the row mean where no split
+            exists.
         split_found: (N,) bool, False for constant rows.
     """
 
@@ -257,7 +261,7 @@ class TwoMeans:
 
 
 def _sort_rows(values: Tensor) -> Tensor:
-    """Sort each row ascending; on the CPU through numpy, whose SIMD sort is about 4x faster than torch's here."""
+    """Sort each row ascending; on the CPU through numpy, whose SIMD sort is ~4x faster than torch's here."""
     if values.device.type == "cpu":
         return torch.from_numpy(np.sort(values.detach().contiguous().numpy(), axis=-1))
     return values.sort(dim=-1).values
@@ -267,11 +271,11 @@ def two_means_1d(values: Tensor) -> TwoMeans:
     """Exact 2-means of each row's values (the global optimum of the within-cluster sum of squares).
 
     The optimal partition of values on a line is a threshold split of the sorted values. Splitting the ``s``
-    smallest from the other ``P - s`` leaves a within-cluster sum of squares of ``sum((v - mean)^2)`` minus the
-    between-cluster term ``P / (s (P - s)) * Lc^2``, where ``Lc`` is the sum of the ``s`` smallest *centred*
-    values; one prefix sum gives ``Lc`` for every ``s``, so the best split is an arg-max. Only splits between
-    distinct values are allowed (equal values cannot be told apart by a threshold). Centring keeps the float64
-    prefix sums well conditioned; rows are processed in chunks to bound the temporaries.
+    smallest from the other ``P - s`` leaves a within-cluster sum of squares of ``sum((v - mean)^2)`` minus
+    the between-cluster term ``P / (s (P - s)) * Lc^2``, where ``Lc`` is the sum of the ``s`` smallest
+    *centred* values; one prefix sum gives ``Lc`` for every ``s``, so the best split is an arg-max. Only
+    splits between distinct values are allowed (equal values cannot be told apart by a threshold). Centring
+    keeps the float64 prefix sums well conditioned; rows are processed in chunks to bound the temporaries.
 
     Args:
         values: (N, P) values.
@@ -321,12 +325,12 @@ def attention_pseudomasks(
     - n = 0: whole image = the most probable class; ``fallback``, ``no_label_above_threshold``.
     - n = 1: whole image = that class; ``ok``, ``single_label``.
     - K = 0 (n >= 2): whole image = the most probable label; ``fallback``, ``no_heads_kept``.
-    - 2 <= K < n: k = K and only the K most probable labels are used; ``fallback``, ``fewer_heads_than_labels``
-      (K = 1 degenerates to the top label everywhere, with the same reason).
+    - 2 <= K < n: k = K and only the K most probable labels are used; ``fallback``,
+      ``fewer_heads_than_labels`` (K = 1 degenerates to the top label everywhere, with the same reason).
     - otherwise k = n; ``ok``, ``clustered``.
     - a cluster whose mean map is constant has no foreground: its class is not painted and
-      ``empty_foreground:<class>`` is appended (it still takes part in the rank matching with its constant value
-      as strength). If no cluster paints anything: the most probable label everywhere, ``fallback``,
+      ``empty_foreground:<class>`` is appended (it still takes part in the rank matching with its constant
+      value as strength). If no cluster paints anything: the most probable label everywhere, ``fallback``,
       ``nothing_painted`` appended.
 
     Args:
@@ -412,18 +416,19 @@ def _cluster_and_paint(
     n_init: int,
     max_iter: int,
 ) -> tuple[np.ndarray, list[list[int]]]:
-    """Steps 3-6 for images with k >= 2: returns painted labels (Bc, H, W) int16 (-1 = unpainted) on the CPU and,
-    per image, the classes whose cluster had no foreground."""
+    """Steps 3-6 for images with k >= 2: returns painted labels (Bc, H, W) int16 (-1 = unpainted) on the CPU
+    and, per image, the classes whose cluster had no foreground."""
     Bc, K = maps.shape[:2]
     maps = maps.float()
     peak = maps.amax(dim=(-2, -1), keepdim=True)  # (Bc, K, 1, 1)
     maps = maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)  # max-normalised; an all-zero map stays zero
 
-    assign, _ = kmeans_gram(bilinear_gram(maps, out_size), k.cpu(), n_init=n_init, max_iter=max_iter, seed=seed)
+    gram = bilinear_gram(maps, out_size)  # (Bc, K, K) on the CPU
+    assign, _ = kmeans_gram(gram, k.cpu(), n_init=n_init, max_iter=max_iter, seed=seed)  # (Bc, K)
     kmax = int(k.max())
     members = F.one_hot(assign, kmax).to(maps.device, maps.dtype)  # (Bc, K, kmax)
     members = members / members.sum(dim=1, keepdim=True).clamp_min(1)
-    cluster_low = torch.einsum("bkj,bkhw->bjhw", members, maps)  # (Bc, kmax, h, w): means commute with resizing
+    cluster_low = torch.einsum("bkj,bkhw->bjhw", members, maps)  # (Bc, kmax, h, w); commutes with resizing
     cluster_maps = upsample_maps(cluster_low, out_size)  # (Bc, kmax, H, W)
 
     split = two_means_1d(cluster_maps.flatten(2).flatten(0, 1))
@@ -475,7 +480,8 @@ def relabel_regions(
     Args:
         images: (B, C_in, H, W) classifier inputs, same H, W as the masks.
         masks: (B, H, W) class ids (no ignore value).
-        classify: maps a (N, C_in, H, W) batch to (N, C) scores (logits or probabilities; only the arg-max is used).
+        classify: maps a (N, C_in, H, W) batch to (N, C) scores (logits or probabilities; only the arg-max is
+            used).
         label_sets: optional (B, C) bool classes allowed per image.
         fill_value: input value outside the region.
         chunk_size: regions per ``classify`` call.
@@ -494,7 +500,8 @@ def relabel_regions(
     for pairs in present.nonzero().split(chunk_size):  # (n, 2): image, class
         image_ids, class_ids = pairs.unbind(1)
         region = mask_t[image_ids] == class_ids[:, None, None]  # (n, H, W)
-        inputs = torch.where(region[:, None], images[image_ids], torch.full_like(images[image_ids], fill_value))
+        selected = images[image_ids]  # (n, C_in, H, W)
+        inputs = torch.where(region[:, None], selected, torch.full_like(selected, fill_value))
         scores = classify(inputs).float()  # (n, C)
         if label_sets is not None:
             allowed = label_sets.to(images.device)[image_ids]  # (n, C)

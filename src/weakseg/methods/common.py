@@ -1,18 +1,19 @@
 """Pieces shared by the pseudomask methods: label sets, the nearest-pixel fill, resizing and the result type.
 
-Every method in :mod:`weakseg.methods` turns per-image evidence (attention maps, CAMs, class probabilities) into a
-dense ``uint8`` class-id mask. They share three rules taken from the sparse ViT paper (Hanna, Mommert and Borth,
-"Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation", CVPRW 2023, pseudomask step 2)
-and from the defects of its released code that we do not repeat (``sparse_vit.md`` section 8):
+Every method in :mod:`weakseg.methods` turns per-image evidence (attention maps, CAMs, class probabilities)
+into a dense ``uint8`` class-id mask. They share three rules taken from the sparse ViT paper (Hanna, Mommert
+and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation", CVPRW 2023,
+pseudomask step 2) and from the defects of its released code that we do not repeat (``sparse_vit.md``,
+section 8):
 
-- **Label sets.** Predicted labels are ``probability > 0.5`` *strictly* (the original used ``numpy.round``, which
-  sends exactly 0.5 to 0). Oracle mode uses the ground-truth image labels instead (the original ``--oracle`` was a
-  no-op). The caller picks one; methods only see a ``(B, C)`` bool tensor.
+- **Label sets.** Predicted labels are ``probability > 0.5`` *strictly* (the original used ``numpy.round``,
+  which sends exactly 0.5 to 0). Oracle mode uses the ground-truth image labels instead (the original
+  ``--oracle`` was a no-op). The caller picks one; methods only see a ``(B, C)`` bool tensor.
 - **No silent drops** (defect 1). Every image gets a mask plus a ``status`` (``"ok"`` or ``"fallback"``) and a
   ``reason`` that says which rule produced it, so coverage can be reported by reason.
-- **Exact nearest fill** (defect 3). Unassigned pixels take the label of the Euclidean-nearest assigned pixel via
-  :func:`scipy.ndimage.distance_transform_edt` with ``return_indices=True``: linear time and exact, instead of the
-  original's O((HW)^2) pairwise distances.
+- **Exact nearest fill** (defect 3). Unassigned pixels take the label of the Euclidean-nearest assigned pixel
+  via :func:`scipy.ndimage.distance_transform_edt` with ``return_indices=True``: linear time and exact,
+  instead of the original's O((HW)^2) pairwise distances.
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class PseudomaskResult:
     """Pseudomasks of a batch with the rule that produced each one.
 
     Attributes:
-        masks: (B, H, W) uint8 class ids; every pixel is assigned (no 255) because every failure has a fallback.
-        status: per image, ``"ok"`` (the method ran as designed) or ``"fallback"`` (a documented substitute, e.g.
-            the top class everywhere, produced the mask).
+        masks: (B, H, W) uint8 class ids; every pixel is assigned (no 255) because every failure has a
+            fallback.
+        status: per image, ``"ok"`` (the method ran as designed) or ``"fallback"`` (a documented substitute,
+            e.g. the top class everywhere, produced the mask).
         reason: per image, ``";"``-joined reason tokens: the first names the rule (``"clustered"``,
             ``"single_label"``, ``"no_label_above_threshold"``, ...), later ones report partial problems
             (``"empty_foreground:3"``: class 3 was not painted).
-        used_labels: (B, C) bool, the classes the method tried to place in each mask (after fallbacks: e.g. the
-            top-k classes when there were fewer heads than labels, or the top class when there was no label).
+        used_labels: (B, C) bool, the classes the method tried to place in each mask (after fallbacks: e.g.
+            the top-k classes when there were fewer heads than labels, or the top class when there was no
+            label).
     """
 
     masks: np.ndarray
@@ -95,7 +98,7 @@ def predicted_label_sets(probs: Tensor, threshold: float = 0.5) -> Tensor:
 
 
 def oracle_label_sets(targets: Tensor) -> Tensor:
-    """Ground-truth image labels (multi-hot float, as in a dataset sample's ``label``) as a (B, C) bool set."""
+    """Ground-truth image labels (multi-hot float, like a dataset sample's ``label``) as a (B, C) bool set."""
     return targets > 0.5
 
 
@@ -103,7 +106,9 @@ def check_out_size(out_size: Sequence[int]) -> tuple[int, int]:
     """Validate the pseudomask size (height, width); raise :class:`ConfigError` naming it."""
     size = tuple(int(s) for s in out_size)
     if len(size) != 2 or min(size) <= 0:
-        raise ConfigError(f"pseudomask size must be two positive integers (height, width), got {list(out_size)}")
+        raise ConfigError(
+            f"pseudomask size must be two positive integers (height, width), got {list(out_size)}"
+        )
     return size[0], size[1]
 
 
@@ -111,7 +116,8 @@ def check_label_inputs(probs: Tensor, label_sets: Tensor, batch: int | None = No
     """Shape checks shared by the methods (programming errors, hence ValueError)."""
     if probs.ndim != 2 or label_sets.shape != probs.shape:
         raise ValueError(
-            f"probs and label_sets must both be (B, C); got {tuple(probs.shape)} and {tuple(label_sets.shape)}"
+            "probs and label_sets must both be (B, C); "
+            f"got {tuple(probs.shape)} and {tuple(label_sets.shape)}"
         )
     if label_sets.dtype != torch.bool:
         raise ValueError(f"label_sets must be a bool tensor, got {label_sets.dtype}")
@@ -130,7 +136,7 @@ def top_class(probs: Tensor, label_sets: Tensor | None = None) -> Tensor:
 
 
 def sort_labels_by_probability(probs: Tensor, label_sets: Tensor) -> Tensor:
-    """Class ids of each image's label set in descending probability, (B, C) long; ties keep the lower id first.
+    """Class ids of each image's label set by descending probability, (B, C) long; ties: lower id first.
 
     Only the first ``label_sets[b].sum()`` entries of row ``b`` are meaningful.
     """
@@ -152,8 +158,8 @@ def upsample_maps(maps: Tensor, out_size: tuple[int, int]) -> Tensor:
 def nearest_fill(labels: np.ndarray) -> np.ndarray:
     """Give every unassigned pixel (negative label) the label of the Euclidean-nearest assigned pixel.
 
-    Exact: :func:`scipy.ndimage.distance_transform_edt` returns, for each pixel, the index of the nearest zero of
-    its input; the input is "pixel is unassigned", so the zeros are the assigned pixels. Among equidistant
+    Exact: :func:`scipy.ndimage.distance_transform_edt` returns, for each pixel, the index of the nearest zero
+    of its input; the input is "pixel is unassigned", so the zeros are the assigned pixels. Among equidistant
     assigned pixels the choice is the transform's, not raster order.
 
     Args:

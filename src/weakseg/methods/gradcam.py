@@ -1,21 +1,22 @@
 """Grad-CAM pseudomasks from the gated ViT: the baseline of the sparse ViT paper.
 
-Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization", ICCV 2017,
-applied to a ViT as compared against in Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly
-Supervised Semantic Segmentation", CVPRW 2023. The paper publishes no Grad-CAM details, so the design below is the
-project default (``sparse_vit.md`` section 4):
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization", ICCV
+2017, applied to a ViT as compared against in Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer
+for Weakly Supervised Semantic Segmentation", CVPRW 2023. The paper publishes no Grad-CAM details, so the
+design below is the project default (``sparse_vit.md`` section 4):
 
-- Target activations ``A``: the output of the last block's first LayerNorm (:attr:`GatedViT.gradcam_layer`), patch
-  tokens only (the class/register prefix tokens are dropped). The last block's own patch outputs never reach the
-  CLS logit, so their gradient would be zero; its *input* tokens reach it through the CLS query's attention.
+- Target activations ``A``: the output of the last block's first LayerNorm (:attr:`GatedViT.gradcam_layer`),
+  patch tokens only (the class/register prefix tokens are dropped). The last block's own patch outputs never
+  reach the CLS logit, so their gradient would be zero; its *input* tokens reach it through the CLS query's
+  attention.
 - Score: the class **logit** (pre-sigmoid: the sigmoid saturates and would shrink the gradients of confident
   classes). Weights ``w_c,d`` = mean over patches of ``d logit_c / d A_d``; ``CAM_c = ReLU(sum_d w_c,d A_d)``.
 - Batched: eval-mode images are independent (LayerNorm is per token, gates are deterministic, no batch
   statistics), so ``d (sum_b logit_b,c) / d A_b = d logit_b,c / d A_b``. One backward per class over the whole
   batch replaces one per image and class.
-- Masks: CAMs are upsampled bilinearly, max-normalised per class, and each pixel takes the arg-max over the image's
-  labels; pixels where every label's CAM is 0 take the nearest labelled pixel's class. n = 0 and n = 1 labels
-  follow the attention method (:mod:`weakseg.methods.attention_clustering`).
+- Masks: CAMs are upsampled bilinearly, max-normalised per class, and each pixel takes the arg-max over the
+  image's labels; pixels where every label's CAM is 0 take the nearest labelled pixel's class. n = 0 and n = 1
+  labels follow the attention method (:mod:`weakseg.methods.attention_clustering`).
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ REASON_EMPTY_CAM = "empty_cam"
 def gradcam_maps(model: GatedViT, images: Tensor, class_sets: Tensor) -> Tensor:
     """Grad-CAM of the requested classes of every image, on the patch grid.
 
-    The model runs in eval mode (restored afterwards). A forward hook on :attr:`GatedViT.gradcam_layer` replaces
-    its output by a detached copy that requires grad, so ``torch.autograd.grad`` returns exactly the gradient with
-    respect to these activations and the backward pass stops there (nothing earlier is differentiated and no
-    parameter's ``.grad`` is touched). Works under ``torch.no_grad``/``torch.inference_mode`` callers (the
-    Lightning predict loop) because it re-enables autograd locally.
+    The model runs in eval mode (restored afterwards). A forward hook on :attr:`GatedViT.gradcam_layer`
+    replaces its output by a detached copy that requires grad, so ``torch.autograd.grad`` returns exactly the
+    gradient with respect to these activations and the backward pass stops there (nothing earlier is
+    differentiated and no parameter's ``.grad`` is touched). Works under
+    ``torch.no_grad``/``torch.inference_mode`` callers (the Lightning predict loop) because it re-enables
+    autograd locally.
 
     Args:
         model: the classifier.
@@ -114,9 +116,10 @@ def gradcam_pseudomasks(
 
     - n = 0: whole image = the most probable class; ``fallback``, ``no_label_above_threshold``.
     - n = 1: whole image = that class; ``ok``, ``single_label``.
-    - otherwise ``ok``, ``cam_argmax``; a label whose CAM is zero everywhere gets no pixel (``empty_cam:<class>``
-      appended); pixels where all labels' CAMs are 0 take the nearest labelled pixel's class; if every CAM is zero,
-      the most probable label everywhere, ``fallback``, ``nothing_painted`` appended.
+    - otherwise ``ok``, ``cam_argmax``; a label whose CAM is zero everywhere gets no pixel
+      (``empty_cam:<class>`` appended); pixels where all labels' CAMs are 0 take the nearest labelled pixel's
+      class; if every CAM is zero, the most probable label everywhere, ``fallback``, ``nothing_painted``
+      appended.
 
     Args:
         cams: (B, C, h, w) non-negative CAMs (:func:`gradcam_maps`).

@@ -1,8 +1,8 @@
 """The floor of every pseudomask comparison: each pixel takes the image's most probable class.
 
-Any WSSS method (Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic
-Segmentation", CVPRW 2023, and the Grad-CAM baseline) must beat this. On DFC2020 tiles a single land-cover class often
-dominates, so the floor is far from zero and reporting it keeps gains honest.
+Any WSSS method (Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised
+Semantic Segmentation", CVPRW 2023, and the Grad-CAM baseline) must beat this. On DFC2020 tiles a single
+land-cover class often dominates, so the floor is far from zero and reporting it keeps gains honest.
 """
 
 from __future__ import annotations

@@ -1,0 +1,658 @@
+"""Stage 3: refine pseudomasks by training a UNet on them, iteratively, plus the fully supervised upper bound.
+
+Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
+CVPRW 2023, close their pipeline with "multiple stages of supervised training of a segmentation model, utilizing
+the pseudomasks generated in the previous iteration as supervision", and show iterations 0 (the raw attention
+pseudomasks), 1 and 2. They compare against the same segmenter trained on the pixel-level ground truth ("fully
+supervised"). The paper publishes no settings; the project defaults (reference ``sparse_vit.md`` section 5) are a
+standard UNet (:class:`weakseg.models.unet.UNet`), cross-entropy ignoring 255, AdamW with lr 1e-3, ~10 epochs per
+iteration, 2 iterations, the UNet's argmax on the pseudo-labelled tiles as the next pseudomasks, no
+post-processing.
+
+Iteration ``i >= 1`` trains a fresh UNet (seed ``seed + i``) on the tiles of ``split`` with the masks of iteration
+``i - 1`` as targets, then predicts every tile of ``split`` (the next pseudomasks) and, when given, the held-out
+``eval_split``. Inputs are normalised like the classifier's (its checkpoint's ``data_config``), so the UNet sees
+what the ViT saw. Layout of ``output_dir``::
+
+    config.yaml / config_supervised.yaml   resolved settings (weakseg.config.save_resolved)
+    summary.json                           per-iteration scores (both modes, merged)
+    iter0/scores.json                      scores of the input pseudomasks (when ground truth exists)
+    iter{i}/masks/<id>.tif                 predictions on ``split``: the pseudomasks of iteration i
+    iter{i}/eval_masks/<id>.tif            predictions on ``eval_split``
+    iter{i}/scores.json                    {"train_tiles": ..., "eval_split": ...} (evaluate_folder results)
+    iter{i}/unet.ckpt                      the trained UNet (weights only, SegmentationTask.load_from_checkpoint)
+    iter{i}/metrics.csv                    training loss per step and epoch (CSVLogger)
+    iter{i}/done.json                      completion marker, written last
+    supervised/...                         the same for the UNet trained on the ground truth
+
+**Resume.** Every mask and JSON file is written atomically, and ``done.json`` last, so a folder with the marker
+is complete. A re-run skips finished stages whose recorded settings match; a stage without the marker is redone
+from scratch, and so is every later iteration (its inputs changed). Finished stages that lack predictions for a
+newly requested ``eval_split`` get them from their saved UNet without retraining. Raising ``iterations`` on a
+re-run trains only the new iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+
+from weakseg.config import save_resolved
+from weakseg.data import open_dataset
+from weakseg.data.classes import IGNORE_INDEX
+from weakseg.data.datamodule import build_transform
+from weakseg.data.normalization import NORMALIZATION_MODES, compute_band_stats
+from weakseg.errors import ConfigError, DataError
+from weakseg.evaluation.compare import evaluate_folder, list_prediction_masks, read_prediction_mask
+from weakseg.evaluation.metrics import format_scores_table
+from weakseg.io import atomic_write_json
+from weakseg.models.unet import nearest_valid_size
+from weakseg.pseudolabels.generate import write_mask_geotiff
+from weakseg.tasks.segmentation import SegmentationTask
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+SCORES_FILE = "scores.json"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "unet.ckpt"
+SUPERVISED_DIR = "supervised"
+#: Score keys copied into the summary (the full evaluate_folder results stay in each stage's scores.json).
+SUMMARY_SCORE_KEYS = ("miou", "oa", "aa", "coverage")
+#: Settings that change what a stage computes; a finished stage recorded with other values is not reused.
+FINGERPRINT_KEYS = (
+    "datadir", "pseudomasks", "dataset", "split", "modality", "normalization", "band_stats", "epochs",
+    "batch_size", "lr", "widths", "seed", "augment",
+)
+#: Cache the scaled training tiles in memory (DFC2020 reader, no workers) when they take less than this.
+CACHE_LIMIT_BYTES = 1 << 30
+_IDS_SHOWN = 3
+
+
+@dataclass
+class RefineConfig:
+    """Settings of a refinement (or fully supervised) run.
+
+    Attributes:
+        datadir: dataset root.
+        pseudomasks: folder of iteration-0 masks, one ``<id>.tif`` per tile of ``split`` (``weakseg
+            pseudomasks``); may be None with ``supervised``.
+        output_dir: where iterations, scores and the summary go.
+        dataset: reader kind, "dfc2020" or "folder".
+        split: the pseudo-labelled split the UNet trains on (DFC2020: "validation", as the classifier).
+        eval_split: optional held-out split to predict and score after each iteration (DFC2020: "test").
+        modality: "s2" or "s1s2".
+        normalization: "none", "per_image_max" or "standardize"; take it from the classifier's ``data_config``.
+        band_stats: (mean, std) per band for "standardize"; computed on ``split`` when missing.
+        iterations: refinement iterations after iteration 0 (the paper shows 2).
+        epochs: training epochs per iteration.
+        batch_size: training batch per device (prediction uses twice this).
+        lr: AdamW learning rate.
+        widths: UNet stage widths; tiles must be divisible by ``2 ** (len(widths) - 1)``.
+        seed: iteration ``i`` is seeded with ``seed + i`` (weights, shuffling, augmentation).
+        num_workers: data loader workers.
+        accelerator, num_devices: Lightning Trainer settings (``num_devices > 1`` uses DDP).
+        supervised: train on the ground-truth masks of ``split`` instead (the upper bound), into
+            ``output_dir/supervised``; refinement iterations are not run in this mode.
+        augment: joint random flips and 90-degree rotations of image and mask while training.
+    """
+
+    datadir: str
+    pseudomasks: str | None
+    output_dir: str
+    dataset: str = "dfc2020"
+    split: str = "validation"
+    eval_split: str | None = None
+    modality: str = "s2"
+    normalization: str = "none"
+    band_stats: list[list[float]] | None = None
+    iterations: int = 2
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    num_devices: int = 1
+    supervised: bool = False
+    augment: bool = True
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+class TargetTiles(Dataset):
+    """Tiles of a reader paired with target masks held in memory (pseudomasks or ground truth).
+
+    The reader's own ``__getitem__`` is not used because it reads the ground-truth mask, which refinement must
+    not see; images come from ``read_image`` and targets from ``masks``.
+
+    Args:
+        reader: dataset reader (``read_image``, ``ids``).
+        masks: one uint8 (H, W) mask per tile, 255 = ignore, or None for prediction (no targets).
+        transform: sample transform (crop, augmentation, normalisation) from ``build_transform``.
+        tile_size: (H, W) every tile must have (tiles are batched).
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        masks: Sequence[np.ndarray] | None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]],
+        tile_size: tuple[int, int],
+    ) -> None:
+        self.reader, self.masks, self.transform, self.tile_size = reader, masks, transform, tile_size
+
+    def __len__(self) -> int:
+        return len(self.reader.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = torch.from_numpy(np.asarray(self.reader.read_image(i), dtype=np.float32))  # (C, H, W)
+        if tuple(image.shape[-2:]) != self.tile_size:
+            raise DataError(
+                f"tile {self.reader.source_path(i)} is {image.shape[-2]}x{image.shape[-1]} but the first tile of "
+                f"the split is {self.tile_size[0]}x{self.tile_size[1]}; refinement needs tiles of one size"
+            )
+        sample: dict[str, Any] = {"image": image, "id": self.reader.ids[i], "index": i}
+        if self.masks is not None:
+            sample["mask"] = torch.from_numpy(self.masks[i].astype(np.int64))  # (H, W)
+        return self.transform(sample)
+
+
+def _some_ids(ids: Sequence[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:_IDS_SHOWN])
+    return shown if len(ids) <= _IDS_SHOWN else f"{shown}, ..."
+
+
+def load_mask_folder(folder: Path, reader: Any, split: str, tile_size: tuple[int, int]) -> list[np.ndarray]:
+    """Read the masks of every tile of ``split`` from ``folder``, checked against the tiles.
+
+    Masks of other tiles in the folder are ignored (a folder may cover several splits).
+
+    Returns:
+        One uint8 (H, W) mask per tile, in the reader's order.
+
+    Raises:
+        DataError: the folder is missing or empty, lacks masks of the split (the message gives the count and a
+            few ids), a mask's size differs from the tile, or a mask holds values that are neither a class id
+            nor 255.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(
+            f"pseudomask folder {folder} does not exist (--pseudomasks); create it with `weakseg pseudomasks`"
+        )
+    files = list_prediction_masks(folder)
+    ids = list(reader.ids)
+    missing = [tile_id for tile_id in ids if tile_id not in files]
+    if missing:
+        raise DataError(
+            f"pseudomask folder {folder} lacks masks for {len(missing)} of the {len(ids)} tiles of split "
+            f"{split!r}: {_some_ids(missing)}; was it made for another split or interrupted?"
+        )
+    num_classes = len(reader.class_names)
+    masks = []
+    for tile_id in ids:
+        path = files[tile_id]
+        mask = read_prediction_mask(path)  # (H, W)
+        if mask.shape != tile_size:
+            raise DataError(
+                f"pseudomask {path} is {mask.shape[0]}x{mask.shape[1]} but tile {tile_id!r} of split {split!r} is "
+                f"{tile_size[0]}x{tile_size[1]}"
+            )
+        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
+        if bad.any():
+            values = np.unique(mask[bad])[:5].tolist()
+            raise DataError(
+                f"pseudomask {path} holds values {values} that are neither a class id in [0, {num_classes}) "
+                f"nor the ignore index {IGNORE_INDEX}"
+            )
+        masks.append(mask.astype(np.uint8))
+    return masks
+
+
+def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of the split's first tile, checked against the UNet's size divisor."""
+    if not reader.ids:
+        raise DataError(f"split {split!r} has no tiles")
+    channels, height, width = reader.read_image(0).shape
+    levels = len(widths) - 1
+    divisor = 2**levels
+    if height % divisor or width % divisor:
+        fitting = 0  # the most poolings both sides allow
+        while height % 2 ** (fitting + 1) == 0 and width % 2 ** (fitting + 1) == 0:
+            fitting += 1
+        suggestion = " ".join(str(w) for w in list(widths)[: fitting + 1])
+        raise ConfigError(
+            f"tiles of split {split!r} are {height}x{width}, not divisible by {divisor} (a UNet with "
+            f"{len(widths)} widths pools {levels} times); use at most {fitting + 1} widths (e.g. --widths "
+            f"{suggestion}) or crop the tiles to {nearest_valid_size(height, divisor)}x"
+            f"{nearest_valid_size(width, divisor)}"
+        )
+    return int(channels), (int(height), int(width))
+
+
+# ---- Lightning plumbing ------------------------------------------------------------------------------------
+class MaskFolderWriter(BasePredictionWriter):
+    """Writes each predicted tile as ``<out_dir>/<id>.tif`` with its source tile's georeference (atomically)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir: Path | None = None
+        self.reader: Any = None
+
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
+        batch: Any, batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        assert self.out_dir is not None, "set out_dir before predicting"
+        preds = prediction["pred"].cpu().numpy()  # (B, H, W) uint8
+        for tile_id, index, mask in zip(prediction["id"], batch["index"].tolist(), preds, strict=True):
+            write_mask_geotiff(self.out_dir / f"{tile_id}.tif", mask, self.reader.source_path(index))
+
+
+class _EpochLog(Callback):
+    """One log line per epoch: a CPU run of several minutes should show it is alive."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train_loss_epoch")
+        if trainer.is_global_zero and loss is not None:
+            log.info("  %s epoch %d/%d: train_loss %.4f", self.stage, trainer.current_epoch + 1,
+                     trainer.max_epochs, float(loss))
+
+
+def _trainer(cfg: RefineConfig, stage_dir: Path | None, callbacks: list[Any], steps_per_epoch: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices,
+        strategy="ddp" if cfg.num_devices > 1 else "auto",
+        logger=CSVLogger(save_dir=str(stage_dir), name="", version="") if stage_dir is not None else False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
+    )
+
+
+def _is_rank_zero() -> bool:
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _clear_masks(folder: Path) -> None:
+    """Remove the masks of an unfinished earlier attempt (only files this module writes)."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_file() and (path.suffix == ".tif" or path.name.endswith(".tif.tmp")):
+                path.unlink()
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+class _Context:
+    """What every stage shares: readers, tile geometry, the data config and the output folder."""
+
+    def __init__(self, cfg: RefineConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.train_reader = self._open(cfg.split, cache=True)
+        self.channels, self.tile_size = _tile_geometry(self.train_reader, cfg.split, cfg.widths)
+        self.num_classes = len(self.train_reader.class_names)
+        self.eval_reader = self._open(cfg.eval_split, cache=False) if cfg.eval_split else None
+        self.eval_tile_size = self.tile_size
+        if self.eval_reader is not None:
+            channels, self.eval_tile_size = _tile_geometry(self.eval_reader, str(cfg.eval_split), cfg.widths)
+            if channels != self.channels:
+                raise DataError(
+                    f"tiles of eval split {cfg.eval_split!r} have {channels} channels but those of split "
+                    f"{cfg.split!r} have {self.channels}"
+                )
+        band_stats = cfg.band_stats
+        if cfg.normalization == "standardize" and band_stats is None:
+            band_stats = [list(v) for v in compute_band_stats(self.train_reader)]
+            log.info("band statistics computed on split %r (the classifier's were not given)", cfg.split)
+        self.band_stats = band_stats
+        self.data_config: dict[str, Any] = {
+            "normalization": cfg.normalization, "band_stats": band_stats,
+            "augmentations": ["fliprot"] if cfg.augment else [],
+        }
+
+    def _open(self, split: str, cache: bool) -> Any:
+        cfg = self.cfg
+        kwargs: dict[str, Any] = {"modality": cfg.modality}
+        if cfg.dataset == "dfc2020" and cfg.num_workers == 0 and cache:
+            kwargs["cache"] = True
+        reader = open_dataset(cfg.dataset, cfg.datadir, split, **kwargs)
+        if "cache" in kwargs:  # estimate from the first tile; drop the cache when the split is too large
+            first = reader.read_image(0)
+            if first.nbytes * len(reader.ids) > CACHE_LIMIT_BYTES:
+                reader._cache = None
+        return reader
+
+    @property
+    def has_gt(self) -> bool:
+        return bool(getattr(self.train_reader, "has_masks", False))
+
+    @property
+    def eval_has_gt(self) -> bool:
+        return self.eval_reader is not None and bool(getattr(self.eval_reader, "has_masks", False))
+
+    def fingerprint(self, supervised: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        values = {key: getattr(cfg, key) for key in FINGERPRINT_KEYS}
+        values["datadir"] = str(Path(cfg.datadir).resolve())
+        values["pseudomasks"] = None if supervised or cfg.pseudomasks is None else str(Path(cfg.pseudomasks).resolve())
+        values["band_stats"] = self.band_stats
+        values["widths"] = [int(w) for w in cfg.widths]
+        return _plain(values)
+
+    def predict_loader(self, eval_split: bool) -> DataLoader:
+        reader = self.eval_reader if eval_split else self.train_reader
+        size = self.eval_tile_size if eval_split else self.tile_size
+        tiles = TargetTiles(reader, None, build_transform("predict", size, self.data_config), size)
+        return DataLoader(tiles, batch_size=2 * self.cfg.batch_size, num_workers=self.cfg.num_workers)
+
+
+def _plain(obj: Any) -> Any:
+    """Lists instead of tuples and floats instead of numpy scalars, so fingerprints compare after JSON."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _score_summary(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if scores is None else {key: scores.get(key) for key in SUMMARY_SCORE_KEYS}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fit(task: SegmentationTask, trainer: L.Trainer, loader: DataLoader) -> None:
+    """Train (a module-level function so tests can check that resumed stages do not train)."""
+    trainer.fit(task, train_dataloaders=loader)
+
+
+def _predict_into(ctx: _Context, trainer: L.Trainer, writer: MaskFolderWriter, task: SegmentationTask,
+                  folder: Path, eval_split: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear_masks(folder)
+    writer.out_dir, writer.reader = folder, ctx.eval_reader if eval_split else ctx.train_reader
+    trainer.predict(task, dataloaders=ctx.predict_loader(eval_split), return_predictions=False)
+    trainer.strategy.barrier()  # every rank's masks are on disk before anyone reads or scores them
+
+
+def _score_stage(ctx: _Context, stage_dir: Path) -> dict[str, Any]:
+    """evaluate_folder on the stage's train-tile masks and eval-split masks, where ground truth exists."""
+    train_scores = evaluate_folder(stage_dir / "masks", ctx.train_reader) if ctx.has_gt else None
+    eval_scores = None
+    if ctx.eval_has_gt and (stage_dir / "eval_masks").is_dir():
+        eval_scores = evaluate_folder(stage_dir / "eval_masks", ctx.eval_reader)
+    return {"train_tiles": train_scores, "eval_split": eval_scores}
+
+
+def _train_stage(ctx: _Context, stage_dir: Path, seed: int, targets: list[np.ndarray], stage: str,
+                 supervised: bool) -> dict[str, Any]:
+    """Train a fresh UNet on ``targets``, predict the split (and eval split), score, mark done."""
+    cfg = ctx.cfg
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / DONE_FILE).unlink(missing_ok=True)  # a crash below must not leave an old marker
+    L.seed_everything(seed, workers=True, verbose=False)
+    task = SegmentationTask(in_chans=ctx.channels, num_classes=ctx.num_classes, widths=list(cfg.widths), lr=cfg.lr)
+    train_tiles = TargetTiles(ctx.train_reader, targets, build_transform("train", ctx.tile_size, ctx.data_config),
+                              ctx.tile_size)
+    loader = DataLoader(
+        train_tiles, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+        drop_last=len(train_tiles) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
+    )
+    writer = MaskFolderWriter()
+    trainer = _trainer(cfg, stage_dir, [writer, _EpochLog(stage)], steps_per_epoch=len(loader))
+    t0 = time.time()
+    _fit(task, trainer, loader)
+    train_seconds = time.time() - t0
+    train_loss = trainer.callback_metrics.get("train_loss_epoch")
+    tmp = stage_dir / f".{MODEL_FILE}.tmp"
+    trainer.save_checkpoint(tmp, weights_only=True)
+    if trainer.is_global_zero:
+        os.replace(tmp, stage_dir / MODEL_FILE)
+    t0 = time.time()
+    _predict_into(ctx, trainer, writer, task, stage_dir / "masks", eval_split=False)
+    if ctx.eval_reader is not None:
+        _predict_into(ctx, trainer, writer, task, stage_dir / "eval_masks", eval_split=True)
+    predict_seconds = time.time() - t0
+    done = {
+        "stage": stage, "fingerprint": ctx.fingerprint(supervised), "eval_split": cfg.eval_split,
+        "train_tiles": len(train_tiles), "epochs": cfg.epochs,
+        "train_loss": None if train_loss is None else float(train_loss),
+        "train_seconds": round(train_seconds, 2), "predict_seconds": round(predict_seconds, 2),
+    }
+    if _is_rank_zero():
+        atomic_write_json(stage_dir / SCORES_FILE, _score_stage(ctx, stage_dir))
+        atomic_write_json(stage_dir / DONE_FILE, done)
+    return done
+
+
+def _add_eval_predictions(ctx: _Context, stage_dir: Path, done: dict[str, Any]) -> dict[str, Any]:
+    """Predict a newly requested eval split with a finished stage's saved UNet (no retraining)."""
+    model_path = stage_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise DataError(
+            f"{stage_dir} was finished without eval split {ctx.cfg.eval_split!r} and has no {MODEL_FILE} to "
+            f"predict it with; delete {stage_dir / DONE_FILE} to retrain that stage"
+        )
+    task = SegmentationTask.load_from_checkpoint(model_path, map_location="cpu")
+    writer = MaskFolderWriter()
+    trainer = _trainer(ctx.cfg, None, [writer], steps_per_epoch=1)
+    _predict_into(ctx, trainer, writer, task, stage_dir / "eval_masks", eval_split=True)
+    done = {**done, "eval_split": ctx.cfg.eval_split}
+    if _is_rank_zero():
+        atomic_write_json(stage_dir / SCORES_FILE, _score_stage(ctx, stage_dir))
+        atomic_write_json(stage_dir / DONE_FILE, done)
+    return done
+
+
+def _finished(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[str, Any] | None:
+    """The stage's done record if it finished with the current settings; ConfigError if with others."""
+    done = _read_json(stage_dir / DONE_FILE)
+    if done is None:
+        return None
+    recorded, current = done.get("fingerprint") or {}, ctx.fingerprint(supervised)
+    changed = sorted(key for key in current if recorded.get(key) != current[key])
+    if changed:
+        details = "; ".join(f"{key}: {recorded.get(key)!r} then, {current[key]!r} now" for key in changed)
+        raise ConfigError(
+            f"{stage_dir} was finished with other settings ({details}); choose a new output folder (--output) "
+            f"or delete {stage_dir} to redo it"
+        )
+    if ctx.cfg.eval_split and done.get("eval_split") != ctx.cfg.eval_split:
+        done = _add_eval_predictions(ctx, stage_dir, done)
+    return done
+
+
+def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: dict[str, Any] | None,
+           done: dict[str, Any] | None, resumed: bool) -> dict[str, Any]:
+    scores = scores or {}
+    done = done or {}
+    return {
+        "iteration": iteration,
+        "masks": str(masks),
+        "eval_masks": str(eval_masks) if eval_masks is not None and eval_masks.is_dir() else None,
+        "train_scores": _score_summary(scores.get("train_tiles")),
+        "eval_scores": _score_summary(scores.get("eval_split")),
+        "train_loss": done.get("train_loss"),
+        "train_seconds": done.get("train_seconds"),
+        "predict_seconds": done.get("predict_seconds"),
+        "resumed": resumed,
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _progress_line(name: str, entry: dict[str, Any], eval_split: str | None, epochs: int, tiles: int) -> str:
+    if entry["resumed"]:
+        what = "finished earlier, skipped"
+    elif entry["train_seconds"] is None:
+        what = "input pseudomasks"
+    else:
+        loss = entry["train_loss"]
+        what = (f"{epochs} epochs on {tiles} tiles in {entry['train_seconds']:.1f} s"
+                + (f" (loss {loss:.3f})" if loss is not None else ""))
+    parts = [f"{name}: {what}"]
+    train, held_out = entry["train_scores"], entry["eval_scores"]
+    if train is not None:
+        parts.append(f"train tiles mIoU {_percent(train['miou'])}% OA {_percent(train['oa'])}% "
+                     f"AA {_percent(train['aa'])}%")
+    if held_out is not None:
+        parts.append(f"{eval_split} mIoU {_percent(held_out['miou'])}%")
+    return " | ".join(parts)
+
+
+def format_refine_table(summary: dict[str, Any]) -> str:
+    """Iteration | train-tile mIoU/OA/AA | eval-split mIoU/OA/AA, in percent ('-' = not available)."""
+    rows = [(f"iter{e['iteration']}", e) for e in summary.get("iterations") or []]
+    if summary.get("supervised"):
+        rows.append(("supervised", summary["supervised"]))
+    header = ["stage", "train mIoU", "train OA", "train AA", "eval mIoU", "eval OA", "eval AA"]
+    body = []
+    for name, e in rows:
+        train, held_out = e.get("train_scores") or {}, e.get("eval_scores") or {}
+        body.append([name] + [_percent(train.get(k)) for k in ("miou", "oa", "aa")]
+                    + [_percent(held_out.get(k)) for k in ("miou", "oa", "aa")])
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
+    lines = ["  ".join([line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])])
+             for line in [header, *body]]
+    title = (f"scores in % on the training tiles of {summary.get('split')!r} (pseudo-label quality) and on "
+             f"{summary.get('eval_split')!r} (segmentation quality)")
+    return "\n".join([title, lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _validate(cfg: RefineConfig) -> None:
+    if not cfg.supervised and not cfg.pseudomasks:
+        raise ConfigError("refinement needs a pseudomask folder (--pseudomasks), or --supervised for the upper bound")
+    checks = [("iterations", cfg.iterations, 0), ("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1),
+              ("num_devices", cfg.num_devices, 1), ("num_workers", cfg.num_workers, 0)]
+    for name, value, minimum in checks:
+        if int(value) < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value} (--{name})")
+    if not cfg.lr > 0:
+        raise ConfigError(f"learning rate must be positive, got {cfg.lr} (--learning_rate)")
+    if not cfg.widths or any(int(w) <= 0 for w in cfg.widths):
+        raise ConfigError(f"UNet widths must be positive integers, got {list(cfg.widths)} (--widths)")
+    if cfg.normalization not in NORMALIZATION_MODES:
+        raise ConfigError(f"unknown normalization {cfg.normalization!r}; choose from {list(NORMALIZATION_MODES)}")
+    if cfg.band_stats is not None and len(cfg.band_stats) != 2:
+        raise ConfigError("band_stats must be [mean per band, std per band]")
+
+
+def refine(cfg: RefineConfig) -> dict[str, Any]:
+    """Run refinement iterations (or, with ``cfg.supervised``, the fully supervised upper bound).
+
+    Returns:
+        The summary, also written to ``output_dir/summary.json`` (merged with the other mode's results when
+        the same folder holds both): ``output_dir``, ``split``, ``eval_split``, ``has_ground_truth``,
+        ``eval_has_ground_truth``, ``iterations`` (one entry per iteration 0..N: ``iteration``, ``masks``,
+        ``eval_masks``, ``train_scores`` and ``eval_scores`` as ``{miou, oa, aa, coverage}`` or None,
+        ``train_loss``, ``train_seconds``, ``predict_seconds``, ``resumed``), ``final_masks`` (the last
+        iteration's masks: the refined pseudomasks) and ``supervised`` (an entry of the same form, or None).
+
+    Raises:
+        DataError: missing or incomplete pseudomask folder, mask sizes or values that do not fit the tiles.
+        ConfigError: invalid settings, tiles not divisible by the UNet's divisor, no ground truth for
+            ``supervised``, a finished stage in ``output_dir`` made with other settings.
+    """
+    cfg = dataclasses.replace(cfg, widths=[int(w) for w in cfg.widths])
+    _validate(cfg)
+    ctx = _Context(cfg)
+    out = ctx.out
+    if cfg.supervised and not ctx.has_gt:
+        raise ConfigError(
+            f"split {cfg.split!r} of {cfg.datadir} has no ground-truth masks: the supervised upper bound needs them"
+        )
+    targets = ([np.asarray(ctx.train_reader.read_mask(i), dtype=np.uint8) for i in range(len(ctx.train_reader.ids))]
+               if cfg.supervised else load_mask_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, cfg.split,
+                                                       ctx.tile_size))
+    if _is_rank_zero():
+        save_resolved(cfg, out, name="config_supervised.yaml" if cfg.supervised else "config.yaml",
+                      band_stats=ctx.band_stats)
+    previous = _read_json(out / SUMMARY_FILE) or {}
+    if previous.get("split") != cfg.split:
+        previous = {}
+    summary: dict[str, Any] = {
+        "output_dir": str(out), "split": cfg.split, "eval_split": cfg.eval_split, "has_ground_truth": ctx.has_gt,
+        "eval_has_ground_truth": ctx.eval_has_gt, "iterations": previous.get("iterations", []),
+        "final_masks": previous.get("final_masks"), "supervised": previous.get("supervised"),
+    }
+    tiles = len(ctx.train_reader.ids)
+    full_scores: dict[str, dict[str, Any]] = {}
+
+    def report(name: str, entry: dict[str, Any], scores: dict[str, Any] | None) -> None:
+        if _is_rank_zero():
+            print(_progress_line(name, entry, cfg.eval_split, cfg.epochs, tiles), flush=True)
+        if scores and scores.get("train_tiles"):
+            full_scores[name] = scores["train_tiles"]
+
+    if cfg.supervised:
+        stage_dir = out / SUPERVISED_DIR
+        done = _finished(ctx, stage_dir, supervised=True)
+        resumed = done is not None
+        if done is None:
+            done = _train_stage(ctx, stage_dir, cfg.seed + 1, targets, "supervised", supervised=True)
+        scores = _read_json(stage_dir / SCORES_FILE)
+        summary["supervised"] = _entry("supervised", stage_dir / "masks", stage_dir / "eval_masks", scores, done,
+                                       resumed)
+        report("supervised", summary["supervised"], scores)
+    else:
+        iter0 = out / "iter0"
+        iter0.mkdir(parents=True, exist_ok=True)
+        scores0 = {"train_tiles": evaluate_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, allow_extra=True)
+                   if ctx.has_gt else None, "eval_split": None}
+        if _is_rank_zero():
+            atomic_write_json(iter0 / SCORES_FILE, scores0)
+        entries = [_entry(0, Path(str(cfg.pseudomasks)), None, scores0, None, resumed=False)]
+        report(f"iteration 0/{cfg.iterations}", entries[0], scores0)
+        redo = False  # once a stage is retrained, every later one depends on new masks
+        for i in range(1, cfg.iterations + 1):
+            stage_dir = out / f"iter{i}"
+            done = None if redo else _finished(ctx, stage_dir, supervised=False)
+            resumed = done is not None
+            if done is None:
+                redo = True
+                if i > 1:
+                    targets = load_mask_folder(out / f"iter{i - 1}" / "masks", ctx.train_reader, cfg.split,
+                                               ctx.tile_size)
+                done = _train_stage(ctx, stage_dir, cfg.seed + i, targets, f"iter{i}", supervised=False)
+            scores = _read_json(stage_dir / SCORES_FILE)
+            entries.append(_entry(i, stage_dir / "masks", stage_dir / "eval_masks", scores, done, resumed))
+            report(f"iteration {i}/{cfg.iterations}", entries[-1], scores)
+        summary["iterations"] = entries
+        summary["final_masks"] = entries[-1]["masks"]
+    if _is_rank_zero():
+        atomic_write_json(out / SUMMARY_FILE, summary)
+        print()
+        print(format_refine_table(summary))
+        if full_scores:
+            print()
+            print(format_scores_table(full_scores))
+    return summary
