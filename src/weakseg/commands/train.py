@@ -51,6 +51,8 @@ class TrainConfig:
     pr_rate: float = 0.2
     l0_normalize: bool = False
     l0_warmup_steps: int = 0
+    gate_lr_scale: float = 1.0
+    gate_init: float | None = None
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
@@ -131,6 +133,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pr_rate", type=float, help="lambda, the L0 weight (paper 0.2)")
     g.add_argument("--l0_normalize", action=bool_flag, help="divide the L0 penalty by the number of heads (ours)")
     g.add_argument("--l0_warmup_steps", type=int, help="ramp lambda from 0 over N steps (ours)")
+    g.add_argument("--gate_lr_scale", type=float, help="learning-rate multiplier of the gates (ours; paper 1)")
+    g.add_argument("--gate_init", type=float, help="initial log alpha of every gate (ours; paper: Xavier-uniform)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
     g.add_argument("--learning_rate", type=float)
@@ -210,12 +214,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         s1_chans=2 if cfg.multimodal else 0, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
         num_classes=len(reader.class_names), num_cls_tokens=cfg.num_cls_tokens,
-        num_register_tokens=cfg.num_register_tokens, gated=cfg.prune,
+        num_register_tokens=cfg.num_register_tokens, gated=cfg.prune, gate_init=cfg.gate_init,
     )
     task = ClassificationTask(
         model=model_cfg.to_dict(), prune=cfg.prune, pr_rate=cfg.pr_rate, l0_normalize=cfg.l0_normalize,
         l0_warmup_steps=cfg.l0_warmup_steps, optimizer=cfg.optimizer, lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, lr_scheduler=cfg.lr_scheduler, warmup_epochs=cfg.warmup_epochs,
+        weight_decay=cfg.weight_decay, gate_lr_scale=cfg.gate_lr_scale, lr_scheduler=cfg.lr_scheduler, warmup_epochs=cfg.warmup_epochs,
         class_names=list(reader.class_names), data_config=dm.data_config, pretrained=cfg.pretrained,
     )
     n_params = sum(p.numel() for p in task.model.parameters())

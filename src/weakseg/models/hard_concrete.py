@@ -29,6 +29,9 @@ class HardConcreteGate(nn.Module):
         stretch: (l, r) interval the relaxed sample is stretched to before clamping to [0, 1].
         eps: keeps the uniform noise away from 0 and 1.
         hard: straight-through hard samples in training (the reference's setting); False gives soft samples.
+        init: None draws log alpha Xavier-uniform like the reference (about half the heads start closed);
+            a number starts every gate at that log alpha (ours: e.g. 2.0 starts 88 % open, so a short run
+            learns with the heads first and the L0 penalty then closes the ones the task does not need).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class HardConcreteGate(nn.Module):
         stretch: tuple[float, float] = (-0.1, 1.1),
         eps: float = 1e-6,
         hard: bool = True,
+        init: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -45,11 +49,15 @@ class HardConcreteGate(nn.Module):
         self.low, self.high = stretch
         self.eps = eps
         self.hard = hard
+        self.init = init
         # (1, heads, 1, 1) like the reference, so it broadcasts over (B, heads, N, N) and (B, heads, N, hd).
         self.log_alpha = nn.Parameter(torch.empty(1, num_heads, 1, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.init is not None:
+            nn.init.constant_(self.log_alpha, self.init)
+            return
         # Xavier-uniform on (1, H, 1, 1): fan_in = H, fan_out = 1 -> U(-sqrt(6/(H+1)), +sqrt(6/(H+1))).
         nn.init.xavier_uniform_(self.log_alpha)
 

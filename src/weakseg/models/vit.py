@@ -56,6 +56,7 @@ class ViTConfig:
         num_register_tokens: extra learned prefix tokens (Darcet et al., "Vision Transformers Need Registers").
         gated: put a Hard Concrete gate on every head.
         gate_temperature, gate_stretch: Hard Concrete parameters (paper: 0.33 and (-0.1, 1.1)).
+        gate_init: initial log alpha of every gate; None = Xavier-uniform as the paper.
     """
 
     img_size: tuple[int, int] = (64, 64)
@@ -74,6 +75,7 @@ class ViTConfig:
     gated: bool = True
     gate_temperature: float = 0.33
     gate_stretch: tuple[float, float] = field(default=(-0.1, 1.1))
+    gate_init: float | None = None
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -148,7 +150,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.gate = (
-            HardConcreteGate(cfg.num_heads, cfg.gate_temperature, cfg.gate_stretch) if cfg.gated else None
+            HardConcreteGate(cfg.num_heads, cfg.gate_temperature, cfg.gate_stretch, init=cfg.gate_init)
+            if cfg.gated
+            else None
         )
         #: "explicit" forces the softmax path even without a requested map (benchmarks, debugging).
         self.impl: AttentionImpl = "fused"
@@ -256,6 +260,7 @@ class GatedViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """timm-style init; gates keep their own (:meth:`HardConcreteGate.reset_parameters`)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.reg_token is not None:

@@ -35,9 +35,11 @@ re-run trains only the new iterations.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +170,13 @@ class TargetTiles(Dataset):
             )
         sample: dict[str, Any] = {"image": image, "id": self.reader.ids[i], "index": i}
         if self.masks is not None:
-            sample["mask"] = torch.from_numpy(self.masks[i].astype(np.int64))  # (H, W)
+            mask = self.masks[i]  # (H, W)
+            if mask.shape != self.tile_size:
+                raise DataError(
+                    f"the target mask of tile {self.reader.ids[i]!r} is {mask.shape[0]}x{mask.shape[1]} but the "
+                    f"tile {self.reader.source_path(i)} is {self.tile_size[0]}x{self.tile_size[1]}"
+                )
+            sample["mask"] = torch.from_numpy(mask.astype(np.int64))
         return self.transform(sample)
 
 
@@ -329,15 +337,12 @@ class _Context:
         }
 
     def _open(self, split: str, cache: bool) -> Any:
+        """A reader of ``split``; the DFC2020 reader keeps small training splits in memory across epochs."""
         cfg = self.cfg
-        kwargs: dict[str, Any] = {"modality": cfg.modality}
-        if cfg.dataset == "dfc2020" and cfg.num_workers == 0 and cache:
-            kwargs["cache"] = True
-        reader = open_dataset(cfg.dataset, cfg.datadir, split, **kwargs)
-        if "cache" in kwargs:  # estimate from the first tile; drop the cache when the split is too large
-            first = reader.read_image(0)
-            if first.nbytes * len(reader.ids) > CACHE_LIMIT_BYTES:
-                reader._cache = None
+        reader = open_dataset(cfg.dataset, cfg.datadir, split, modality=cfg.modality)
+        if cache and cfg.dataset == "dfc2020" and cfg.num_workers == 0 and reader.ids:
+            if reader.read_image(0).nbytes * len(reader.ids) <= CACHE_LIMIT_BYTES:
+                reader = open_dataset(cfg.dataset, cfg.datadir, split, modality=cfg.modality, cache=True)
         return reader
 
     @property
@@ -380,8 +385,6 @@ def _score_summary(scores: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -390,7 +393,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _fit(task: SegmentationTask, trainer: L.Trainer, loader: DataLoader) -> None:
     """Train (a module-level function so tests can check that resumed stages do not train)."""
-    trainer.fit(task, train_dataloaders=loader)
+    with warnings.catch_warnings():
+        # No validation loader on purpose: validating on ground truth would be model selection on labels that
+        # weak supervision does not have.
+        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+        trainer.fit(task, train_dataloaders=loader)
 
 
 def _predict_into(ctx: _Context, trainer: L.Trainer, writer: MaskFolderWriter, task: SegmentationTask,
@@ -605,13 +612,16 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
         "final_masks": previous.get("final_masks"), "supervised": previous.get("supervised"),
     }
     tiles = len(ctx.train_reader.ids)
-    full_scores: dict[str, dict[str, Any]] = {}
+    train_tables: dict[str, dict[str, Any]] = {}  # stage -> full scores, for the per-class tables
+    eval_tables: dict[str, dict[str, Any]] = {}
 
-    def report(name: str, entry: dict[str, Any], scores: dict[str, Any] | None) -> None:
+    def report(name: str, key: str, entry: dict[str, Any], scores: dict[str, Any] | None) -> None:
         if _is_rank_zero():
             print(_progress_line(name, entry, cfg.eval_split, cfg.epochs, tiles), flush=True)
         if scores and scores.get("train_tiles"):
-            full_scores[name] = scores["train_tiles"]
+            train_tables[key] = scores["train_tiles"]
+        if scores and scores.get("eval_split"):
+            eval_tables[key] = scores["eval_split"]
 
     if cfg.supervised:
         stage_dir = out / SUPERVISED_DIR
@@ -622,7 +632,7 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
         scores = _read_json(stage_dir / SCORES_FILE)
         summary["supervised"] = _entry("supervised", stage_dir / "masks", stage_dir / "eval_masks", scores, done,
                                        resumed)
-        report("supervised", summary["supervised"], scores)
+        report("supervised", "supervised", summary["supervised"], scores)
     else:
         iter0 = out / "iter0"
         iter0.mkdir(parents=True, exist_ok=True)
@@ -631,7 +641,7 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
         if _is_rank_zero():
             atomic_write_json(iter0 / SCORES_FILE, scores0)
         entries = [_entry(0, Path(str(cfg.pseudomasks)), None, scores0, None, resumed=False)]
-        report(f"iteration 0/{cfg.iterations}", entries[0], scores0)
+        report(f"iteration 0/{cfg.iterations}", "iter0", entries[0], scores0)
         redo = False  # once a stage is retrained, every later one depends on new masks
         for i in range(1, cfg.iterations + 1):
             stage_dir = out / f"iter{i}"
@@ -645,14 +655,16 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
                 done = _train_stage(ctx, stage_dir, cfg.seed + i, targets, f"iter{i}", supervised=False)
             scores = _read_json(stage_dir / SCORES_FILE)
             entries.append(_entry(i, stage_dir / "masks", stage_dir / "eval_masks", scores, done, resumed))
-            report(f"iteration {i}/{cfg.iterations}", entries[-1], scores)
+            report(f"iteration {i}/{cfg.iterations}", f"iter{i}", entries[-1], scores)
         summary["iterations"] = entries
         summary["final_masks"] = entries[-1]["masks"]
     if _is_rank_zero():
         atomic_write_json(out / SUMMARY_FILE, summary)
         print()
         print(format_refine_table(summary))
-        if full_scores:
-            print()
-            print(format_scores_table(full_scores))
+        for title, table in ((f"training tiles of {cfg.split!r}", train_tables),
+                             (f"eval split {cfg.eval_split!r}", eval_tables)):
+            if table:
+                print(f"\nper-class scores on the {title}")
+                print(format_scores_table(table))
     return summary

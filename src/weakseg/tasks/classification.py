@@ -44,6 +44,9 @@ class ClassificationTask(L.LightningModule):
         l0_warmup_steps: ramp lambda linearly from 0 over this many optimiser steps (ours; 0 = paper).
         optimizer: "adamw" (betas 0.9, 0.95 as the reference), "adam" or "sgd" (momentum 0.9).
         lr, weight_decay: optimiser settings; gates, norms, biases and embeddings get no weight decay.
+        gate_lr_scale: learning-rate multiplier of the gates' log alpha (ours; paper: 1). With Adam a
+            parameter moves about ``lr`` per step, so in a short run log alpha barely leaves its initial value
+            and "pruning" only reflects the random init; a larger rate lets the gates decide.
         lr_scheduler: cosine decay to 0 over the run with linear warm-up of ``warmup_epochs``.
         class_names: names of the labels (metrics per class carry them).
         data_config: how the data module prepared inputs (modality, normalisation, band stats), saved in the
@@ -61,6 +64,7 @@ class ClassificationTask(L.LightningModule):
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
+        gate_lr_scale: float = 1.0,
         lr_scheduler: bool = True,
         warmup_epochs: float = 1.0,
         class_names: list[str] | None = None,
@@ -150,15 +154,21 @@ class ClassificationTask(L.LightningModule):
     # ---- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         no_decay = self.model.no_weight_decay()
-        decay_params, plain_params = [], []
+        lr = self.hparams.lr
+        decay_params, plain_params, gate_params = [], [], []
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
+            if not p.requires_grad:
+                continue
+            if name.endswith("log_alpha"):
+                gate_params.append(p)
+            else:
                 (plain_params if name in no_decay else decay_params).append(p)
         groups = [
             {"params": decay_params, "weight_decay": self.hparams.weight_decay},
             {"params": plain_params, "weight_decay": 0.0},
         ]
-        lr = self.hparams.lr
+        if gate_params:  # never weight-decayed (defect 6 of the original)
+            groups.append({"params": gate_params, "weight_decay": 0.0, "lr": lr * self.hparams.gate_lr_scale})
         name = self.hparams.optimizer
         if name == "adamw":
             opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))

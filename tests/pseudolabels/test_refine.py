@@ -1,0 +1,404 @@
+"""Tests of weakseg.pseudolabels.refine and the ``weakseg refine`` command (stage 3: UNet refinement)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+
+import weakseg.pseudolabels.refine as refine_module
+from weakseg.cli import main
+from weakseg.commands.refine import resolve_refine_config
+from weakseg.data import open_dataset
+from weakseg.data.datamodule import build_transform
+from weakseg.data.synthetic import generate_synthetic_dfc2020
+from weakseg.errors import ConfigError, DataError
+from weakseg.evaluation.compare import evaluate_folder, read_prediction_mask
+from weakseg.pseudolabels.generate import write_mask_geotiff
+from weakseg.pseudolabels.refine import RefineConfig, TargetTiles, load_mask_folder, refine
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+TILE = 32
+WIDTHS = [4, 8]  # one pooling: tiles must be even
+FAST = dict(widths=WIDTHS, epochs=1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("refine_data")
+    generate_synthetic_dfc2020(root, {"validation": 8, "test": 4}, tile_size=TILE, seed=1)
+    return root
+
+
+def write_noisy_pseudomasks(data_root: Path, folder: Path, seed: int = 0) -> Path:
+    """Ground truth with 30 % of the pixels set to a random class and 10 % unlabelled (255)."""
+    reader = open_dataset("dfc2020", data_root, "validation")
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, tile_id in enumerate(reader.ids):
+        mask = reader.read_mask(i).copy()
+        noisy = rng.random(mask.shape) < 0.3
+        mask[noisy] = rng.integers(0, 8, int(noisy.sum()))
+        mask[rng.random(mask.shape) < 0.1] = 255
+        write_mask_geotiff(folder / f"{tile_id}.tif", mask, reader.source_path(i))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pseudomasks(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_noisy_pseudomasks(data_root, tmp_path_factory.mktemp("refine_pm") / "pm")
+
+
+@pytest.fixture(scope="module")
+def refined(data_root: Path, pseudomasks: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One real run shared by the layout tests: 2 iterations with a held-out eval split."""
+    out = tmp_path_factory.mktemp("refine_out") / "run"
+    cfg = RefineConfig(datadir=str(data_root), pseudomasks=str(pseudomasks), output_dir=str(out),
+                       eval_split="test", iterations=2, **FAST)
+    return out, refine(cfg)
+
+
+def make_cfg(data_root: Path, pseudomasks: Path | None, out: Path, **kwargs: Any) -> RefineConfig:
+    settings = {**FAST, **kwargs}
+    return RefineConfig(datadir=str(data_root), pseudomasks=None if pseudomasks is None else str(pseudomasks),
+                        output_dir=str(out), **settings)
+
+
+def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replace training by a recording wrapper around the real one; returns the list of calls."""
+    calls: list[dict[str, Any]] = []
+    real_fit = refine_module._fit
+
+    def fit(task: Any, trainer: Any, loader: Any) -> None:
+        calls.append({"targets": [m.copy() for m in loader.dataset.masks], "seed": torch.initial_seed()})
+        real_fit(task, trainer, loader)
+
+    monkeypatch.setattr(refine_module, "_fit", fit)
+    return calls
+
+
+def forbid_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fit(*args: Any) -> None:
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(refine_module, "_fit", fit)
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- layout and scores -------------------------------------------------------------------------------------
+def test_output_layout_and_summary(refined: tuple[Path, dict], data_root: Path) -> None:
+    out, summary = refined
+    train_ids = open_dataset("dfc2020", data_root, "validation").ids
+    test_ids = open_dataset("dfc2020", data_root, "test").ids
+    assert (out / "config.yaml").is_file()
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1, 2]
+    assert summary["final_masks"] == str(out / "iter2" / "masks")
+    assert (out / "iter0" / "scores.json").is_file()
+    for i in (1, 2):
+        stage = out / f"iter{i}"
+        for name in ("done.json", "scores.json", "unet.ckpt", "metrics.csv"):
+            assert (stage / name).is_file(), name
+        assert sorted(p.stem for p in (stage / "masks").glob("*.tif")) == sorted(train_ids)
+        assert sorted(p.stem for p in (stage / "eval_masks").glob("*.tif")) == sorted(test_ids)
+        entry = summary["iterations"][i]
+        assert entry["masks"] == str(stage / "masks") and entry["eval_masks"] == str(stage / "eval_masks")
+        assert set(entry["train_scores"]) == {"miou", "oa", "aa", "coverage"}
+        assert entry["eval_scores"]["miou"] is not None and not entry["resumed"]
+    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+
+
+def test_iteration0_scores_equal_direct_evaluation(refined: tuple[Path, dict], data_root: Path,
+                                                   pseudomasks: Path) -> None:
+    out, summary = refined
+    direct = evaluate_folder(pseudomasks, open_dataset("dfc2020", data_root, "validation"))
+    stored = json.loads((out / "iter0" / "scores.json").read_text())["train_tiles"]
+    assert stored["confusion_matrix"] == direct["confusion_matrix"]
+    assert summary["iterations"][0]["train_scores"] == {k: direct[k] for k in ("miou", "oa", "aa", "coverage")}
+    assert direct["coverage"] < 1.0  # the 255 pixels of the pseudomasks count as unlabelled
+
+
+def test_iteration_scores_equal_direct_evaluation(refined: tuple[Path, dict], data_root: Path) -> None:
+    out, summary = refined
+    test_reader = open_dataset("dfc2020", data_root, "test")
+    train_reader = open_dataset("dfc2020", data_root, "validation")
+    for i in (1, 2):
+        held_out = evaluate_folder(out / f"iter{i}" / "eval_masks", test_reader)
+        train = evaluate_folder(out / f"iter{i}" / "masks", train_reader)
+        assert summary["iterations"][i]["eval_scores"]["miou"] == pytest.approx(held_out["miou"])
+        assert summary["iterations"][i]["train_scores"]["oa"] == pytest.approx(train["oa"])
+        assert train["coverage"] == 1.0  # the UNet labels every pixel
+
+
+def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, dict], data_root: Path) -> None:
+    out, _ = refined
+    for split, folder in (("validation", "masks"), ("test", "eval_masks")):
+        reader = open_dataset("dfc2020", data_root, split)
+        for i, tile_id in enumerate(reader.ids):
+            with rasterio.open(out / "iter1" / folder / f"{tile_id}.tif") as pred, \
+                    rasterio.open(reader.source_path(i)) as src:
+                assert pred.count == 1 and pred.dtypes == ("uint8",)
+                assert (pred.height, pred.width) == (TILE, TILE)
+                assert pred.crs is not None and pred.crs == src.crs
+                assert pred.transform == src.transform
+                assert pred.read(1).max() < 8
+
+
+def test_each_iteration_trains_on_previous_masks_with_its_seed(
+    data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_fits(monkeypatch)
+    out = tmp_path / "run"
+    refine(make_cfg(data_root, pseudomasks, out, iterations=2, seed=10))
+    reader = open_dataset("dfc2020", data_root, "validation")
+    assert [c["seed"] for c in calls] == [11, 12]
+    expected_iter1 = [read_prediction_mask(pseudomasks / f"{t}.tif") for t in reader.ids]
+    expected_iter2 = [read_prediction_mask(out / "iter1" / "masks" / f"{t}.tif") for t in reader.ids]
+    assert all(np.array_equal(a, b) for a, b in zip(calls[0]["targets"], expected_iter1, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(calls[1]["targets"], expected_iter2, strict=True))
+
+
+def test_training_samples_flip_and_rotate_image_and_mask_together(data_root: Path) -> None:
+    reader = open_dataset("dfc2020", data_root, "validation")
+    image = reader.read_image(0)  # (C, H, W)
+    # A mask computed from the image: any transform that moved them apart would break the relation.
+    mask = (image[3] > np.median(image[3])).astype(np.uint8)  # (H, W)
+    config = {"normalization": "none", "band_stats": None, "augmentations": ["fliprot"]}
+    tiles = TargetTiles(reader, [mask] * len(reader.ids), build_transform("train", (TILE, TILE), config),
+                        (TILE, TILE))
+    torch.manual_seed(0)
+    moved = 0
+    for _ in range(12):
+        sample = tiles[0]
+        band = sample["image"][3].numpy()
+        assert np.array_equal(sample["mask"].numpy(), (band > np.median(image[3])).astype(np.int64))
+        moved += not np.array_equal(band, image[3])
+    assert moved > 0, "augmentation never changed the tile"
+
+
+# ---- supervised --------------------------------------------------------------------------------------------
+def test_supervised_trains_on_ground_truth(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_fits(monkeypatch)
+    out = tmp_path / "sup"
+    summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test"))
+    reader = open_dataset("dfc2020", data_root, "validation")
+    assert len(calls) == 1 and calls[0]["seed"] == 1  # seed + 1: the same initialisation as iteration 1
+    assert all(np.array_equal(a, reader.read_mask(i)) for i, a in enumerate(calls[0]["targets"]))
+    stage = out / "supervised"
+    assert sorted(p.stem for p in (stage / "masks").glob("*.tif")) == sorted(reader.ids)
+    assert len(list((stage / "eval_masks").glob("*.tif"))) == 4
+    assert (stage / "done.json").is_file() and (out / "config_supervised.yaml").is_file()
+    direct = evaluate_folder(stage / "eval_masks", open_dataset("dfc2020", data_root, "test"))
+    assert summary["supervised"]["eval_scores"]["miou"] == pytest.approx(direct["miou"])
+    assert summary["iterations"] == []
+
+
+def test_supervised_and_refinement_share_one_summary(refined: tuple[Path, dict], data_root: Path,
+                                                     pseudomasks: Path) -> None:
+    out, first = refined
+    summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test", iterations=2))
+    assert summary["iterations"] == json.loads(json.dumps(first["iterations"]))
+    assert summary["supervised"]["masks"] == str(out / "supervised" / "masks")
+    assert json.loads((out / "summary.json").read_text())["supervised"] is not None
+
+
+# ---- resume ------------------------------------------------------------------------------------------------
+def test_resume_skips_finished_iterations_and_extends(
+    data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+    before = mtimes(out / "iter1")
+    forbid_fits(monkeypatch)
+    summary = refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+    assert mtimes(out / "iter1") == before
+    assert summary["iterations"][1]["resumed"] and summary["iterations"][1]["train_scores"] is not None
+
+    calls = record_fits(monkeypatch)
+    summary = refine(make_cfg(data_root, pseudomasks, out, iterations=2))
+    assert len(calls) == 1 and calls[0]["seed"] == 2  # only the new iteration trained
+    assert mtimes(out / "iter1") == before
+    assert [e["resumed"] for e in summary["iterations"]] == [False, True, False]
+
+
+def test_unfinished_iteration_and_later_ones_are_redone(
+    data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    refine(make_cfg(data_root, pseudomasks, out, iterations=2))
+    (out / "iter1" / "done.json").unlink()  # as if killed while iteration 1 was written
+    (out / "iter1" / "masks" / "stale.tif").write_bytes(b"")  # a leftover file must not survive
+    calls = record_fits(monkeypatch)
+    refine(make_cfg(data_root, pseudomasks, out, iterations=2))
+    assert [c["seed"] for c in calls] == [1, 2]
+    assert not (out / "iter1" / "masks" / "stale.tif").exists()
+
+
+def test_new_eval_split_on_resume_uses_the_saved_unet(
+    data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+    assert not (out / "iter1" / "eval_masks").exists()
+    forbid_fits(monkeypatch)
+    summary = refine(make_cfg(data_root, pseudomasks, out, iterations=1, eval_split="test"))
+    assert len(list((out / "iter1" / "eval_masks").glob("*.tif"))) == 4
+    assert summary["iterations"][1]["eval_scores"]["miou"] is not None
+    assert json.loads((out / "iter1" / "done.json").read_text())["eval_split"] == "test"
+
+
+def test_changed_settings_refuse_to_reuse_a_finished_iteration(
+    data_root: Path, pseudomasks: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+    with pytest.raises(ConfigError, match=r"iter1 was finished with other settings \(epochs: 1 then, 2 now\)"):
+        refine(make_cfg(data_root, pseudomasks, out, iterations=1, epochs=2))
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+def test_missing_pseudomask_folder(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"pseudomask folder .*nowhere does not exist \(--pseudomasks\)"):
+        refine(make_cfg(data_root, tmp_path / "nowhere", tmp_path / "out"))
+
+
+def test_pseudomask_folder_lacking_tiles_names_count_and_ids(data_root: Path, tmp_path: Path) -> None:
+    folder = write_noisy_pseudomasks(data_root, tmp_path / "pm")
+    for name in ("ROIs0000_validation_p2.tif", "ROIs0000_validation_p5.tif"):
+        (folder / name).unlink()
+    with pytest.raises(DataError, match=r"lacks masks for 2 of the 8 tiles of split 'validation': "
+                                        r"'ROIs0000_validation_p2', 'ROIs0000_validation_p5'"):
+        refine(make_cfg(data_root, folder, tmp_path / "out"))
+
+
+def test_pseudomask_of_wrong_size(data_root: Path, tmp_path: Path) -> None:
+    folder = write_noisy_pseudomasks(data_root, tmp_path / "pm")
+    write_mask_geotiff(folder / "ROIs0000_validation_p3.tif", np.zeros((16, 16), np.uint8), None)
+    with pytest.raises(DataError, match=r"ROIs0000_validation_p3.tif is 16x16 but tile "
+                                        r"'ROIs0000_validation_p3' of split 'validation' is 32x32"):
+        refine(make_cfg(data_root, folder, tmp_path / "out"))
+
+
+def test_pseudomask_with_values_outside_the_classes(data_root: Path, tmp_path: Path) -> None:
+    folder = write_noisy_pseudomasks(data_root, tmp_path / "pm")
+    write_mask_geotiff(folder / "ROIs0000_validation_p1.tif", np.full((TILE, TILE), 9, np.uint8), None)
+    with pytest.raises(DataError, match=r"ROIs0000_validation_p1.tif holds values \[9\] that are neither"):
+        refine(make_cfg(data_root, folder, tmp_path / "out"))
+
+
+def test_tile_size_not_divisible_suggests_widths_or_crop(data_root: Path, pseudomasks: Path, tmp_path: Path) -> None:
+    widths = [4, 8, 16, 32, 64, 128, 256]  # 6 poolings: 64 does not divide 32
+    with pytest.raises(ConfigError, match=r"32x32, not divisible by 64 .*--widths 4 8 16 32 64 128\) or crop"):
+        refine(make_cfg(data_root, pseudomasks, tmp_path / "out", widths=widths))
+
+
+def test_refinement_without_pseudomasks_is_a_config_error(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs a pseudomask folder \(--pseudomasks\), or --supervised"):
+        refine(make_cfg(data_root, None, tmp_path / "out"))
+
+
+def make_folder_dataset(root: Path, n: int = 4) -> Path:
+    """A bring-your-own folder dataset with image labels only (no masks/)."""
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("land\nwater\n")
+    rng = np.random.default_rng(0)
+    rows = ["id,labels"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)).save(root / "images" / f"t{i}.png")
+        rows.append(f"t{i},land")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_supervised_without_ground_truth_masks(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "byod")
+    with pytest.raises(ConfigError, match=r"split 'all' of .*byod has no ground-truth masks"):
+        refine(make_cfg(root, None, tmp_path / "out", dataset="folder", split="all", supervised=True))
+
+
+def test_refinement_without_ground_truth_writes_masks_and_no_scores(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "byod")
+    pm = tmp_path / "pm"
+    pm.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((TILE, TILE), i % 2, np.uint8)).save(pm / f"t{i}.png")
+    summary = refine(make_cfg(root, pm, tmp_path / "out", dataset="folder", split="all", iterations=1))
+    assert not summary["has_ground_truth"]
+    assert [e["train_scores"] for e in summary["iterations"]] == [None, None]
+    assert sorted(p.name for p in (tmp_path / "out" / "iter1" / "masks").iterdir()) == [f"t{i}.tif" for i in range(4)]
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def test_refine_command_end_to_end(data_root: Path, pseudomasks: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    code = main(["refine", "--datadir", str(data_root), "--pseudomasks", str(pseudomasks), "--output", str(out),
+                 "--eval_split", "test", "--iterations", "1", "--epochs", "1", "--batch_size", "4",
+                 "--widths", "4", "8", "--learning_rate", "0.01", "--seed", "3", "--no-augment",
+                 "--accelerator", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "iteration 1/1: 1 epochs on 8 tiles" in printed
+    assert "stage" in printed and "iter0" in printed and "eval mIoU" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["iterations"]) == 2 and summary["eval_split"] == "test"
+    config = (out / "config.yaml").read_text()
+    assert "lr: 0.01" in config and "augment: false" in config and "seed: 3" in config
+
+
+def test_refine_command_reports_user_errors(data_root: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["refine", "--datadir", str(data_root), "--pseudomasks", str(tmp_path / "none"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "error: pseudomask folder" in capsys.readouterr().err
+
+
+def test_model_checkpoint_supplies_data_settings_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weakseg.tasks import classification
+
+    stats = ((0.1,) * 15, (0.2,) * 15)
+    data_config = {"dataset": "dfc2020", "modality": "s1s2", "normalization": "standardize", "band_stats": stats,
+                   "augmentations": ["fliprot"]}
+    monkeypatch.setattr(classification, "load_classifier",
+                        lambda path: SimpleNamespace(hparams={"data_config": data_config}))
+    args = argparse.Namespace(datadir="d", output="o", model_checkpoint=Path("c.ckpt"), widths=[4, 8])
+    cfg = resolve_refine_config(args)
+    assert (cfg.modality, cfg.normalization, cfg.output_dir) == ("s1s2", "standardize", "o")
+    assert cfg.band_stats == [[0.1] * 15, [0.2] * 15] and cfg.widths == [4, 8]
+    args = argparse.Namespace(datadir="d", output="o", model_checkpoint=Path("c.ckpt"), multimodal=False,
+                              normalization="none")
+    cfg = resolve_refine_config(args)
+    assert (cfg.modality, cfg.normalization) == ("s2", "none")
+
+
+def test_command_needs_datadir_and_output() -> None:
+    with pytest.raises(ConfigError, match=r"needs an output folder \(--output\)"):
+        resolve_refine_config(argparse.Namespace(datadir="d"))
+
+
+def test_mask_folder_loader_ignores_masks_of_other_tiles(data_root: Path, pseudomasks: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pm"
+    folder.mkdir()
+    for path in pseudomasks.iterdir():
+        os.link(path, folder / path.name)
+    write_mask_geotiff(folder / "ROIs0000_test_p0.tif", np.zeros((TILE, TILE), np.uint8), None)
+    reader = open_dataset("dfc2020", data_root, "validation")
+    masks = load_mask_folder(folder, reader, "validation", (TILE, TILE))
+    assert len(masks) == 8 and all(m.dtype == np.uint8 and m.shape == (TILE, TILE) for m in masks)
