@@ -1,10 +1,10 @@
-"""Benchmark: training-step throughput of the gated ViT against the plain ViT and the explicit-softmax attention.
+"""Benchmark: training-step throughput of the gated ViT vs the plain ViT and the explicit-softmax attention.
 
-Method: Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
-CVPRW 2023 -- a Hard Concrete gate on every attention head (Louizos et al., ICLR 2018) with the L0 penalty added to
-the multi-label BCE loss. Head pruning is only worth having if it costs little at training time, so this script
-measures what the gates cost and what the fused attention saves. Three variants run in ONE process on the same
-seeded inputs, with the same configuration and identical initial weights:
+Method: Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic
+Segmentation", CVPRW 2023 -- a Hard Concrete gate on every attention head (Louizos et al., ICLR 2018) with the
+L0 penalty added to the multi-label BCE loss. Head pruning is only worth having if it costs little at training
+time, so this script measures what the gates cost and what the fused attention saves. Three variants run in
+ONE process on the same seeded inputs, with the same configuration and identical initial weights:
 
 - **gated**: the default path -- gates on every head, L0 penalty in the loss, fused
   ``scaled_dot_product_attention`` (:class:`weakseg.models.vit.GatedViT`);
@@ -12,13 +12,15 @@ seeded inputs, with the same configuration and identical initial weights:
 - **explicit**: the gated ViT with ``model.set_attention_impl("explicit")``, which materialises every
   (B, heads, N, N) softmax as the original implementation did.
 
-Each timed step is a full optimisation step: forward, BCE-with-logits on random multi-hot targets (+ lambda * L0
-for the gated variants), backward, AdamW step with the parameter groups of
+Each timed step is a full optimisation step: forward, BCE-with-logits on random multi-hot targets (+ lambda *
+L0 for the gated variants), backward, AdamW step with the parameter groups of
 :class:`weakseg.tasks.classification.ClassificationTask`. After a warm-up, the variants are interleaved within
-every repeat (the order rotates: A B C, B C A, C A B, ...) so that drift and contention from other processes fall
-on all of them alike; the reported figure is the median over repeats with its min/max and IQR, and the headline
-ratios are medians of the per-repeat paired ratios. Printed: a table (variant, images/s, time ratio against the
-ungated ViT, peak memory) and the two headline ratios with their targets. Run on a quiet machine, e.g.::
+every repeat (the order rotates: A B C, B C A, C A B, ...) so that drift and contention from other processes
+fall on all of them alike; the reported figure is the median over repeats with its min/max and IQR, and the
+headline ratios are medians of the per-repeat paired ratios. Printed: a table (variant, images/s, time ratio
+against the ungated ViT, peak memory) and the two headline ratios with their targets. On CPU the ratios are
+also given in process CPU time, which time given to other processes does not inflate. Run on a quiet machine,
+e.g.::
 
     python benchmarks/train_step.py --config cpu --threads 1
     python benchmarks/train_step.py --config small --steps 1 --repeats 3 --threads 1
@@ -52,9 +54,12 @@ from weakseg.tasks.classification import ClassificationTask
 #: Model sizes. "cpu" is the project's CPU default; "small" is ViT-S/16; "paper" is the sparse ViT paper's
 #: ViT-L-width backbone at depth 12 with 14-pixel patches.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "cpu": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=6, mlp_ratio=2.0, batch_size=16),
-    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, batch_size=8),
-    "paper": dict(img_size=224, patch_size=14, embed_dim=1024, depth=12, num_heads=16, mlp_ratio=2.0, batch_size=2),
+    "cpu": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=6, mlp_ratio=2.0,
+                batch_size=16),
+    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                  batch_size=8),
+    "paper": dict(img_size=224, patch_size=14, embed_dim=1024, depth=12, num_heads=16, mlp_ratio=2.0,
+                  batch_size=2),
 }
 #: Variant names in table order; "ungated" is the reference of every ratio.
 VARIANTS = ("gated", "ungated", "explicit")
@@ -69,26 +74,34 @@ GATED_TIME_TARGET = 1.10
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
-                        help="model size: cpu (64 px, dim 96, depth 4), small (ViT-S/16), paper (224 px, /14, dim 1024)")
+                        help="model size: cpu (64 px, dim 96, depth 4), small (ViT-S/16), "
+                             "paper (224 px, /14, dim 1024)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
                         help="images per step (default: the config's: cpu 16, small 8, paper 2)")
     parser.add_argument("--in_chans", "--in-chans", type=int, default=13,
                         help="input channels (13 = Sentinel-2; 15 = S2 + S1)")
-    parser.add_argument("--num_classes", "--num-classes", type=int, default=8, help="multi-label outputs (DFC: 8)")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per variant in each timed repeat")
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=8,
+                        help="multi-label outputs (DFC: 8)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="training steps per variant in each timed repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (variants interleaved in each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU intra-op threads)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models train")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward and loss")
-    parser.add_argument("--pr_rate", "--pr-rate", type=float, default=0.2, help="lambda of the L0 penalty (paper: 0.2)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for forward and loss "
+                             "(on CPU, torch's bf16 SDPA backward is slow)")
+    parser.add_argument("--pr_rate", "--pr-rate", type=float, default=0.2,
+                        help="lambda of the L0 penalty (paper: 0.2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs, targets and gate samples")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also save the numbers as JSON")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of weights, inputs, targets and gate samples")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also save the numbers as JSON")
     return parser
 
 
-# ---- variants --------------------------------------------------------------------------------------------------
+# ---- variants ----------------------------------------------------------------------------------------------
 @dataclass
 class Variant:
     """One model under test with its optimiser and its measurements."""
@@ -110,8 +123,9 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Variant]:
     """Three models with identical weights (the ungated one takes the gated one's weights, minus the gates).
 
-    The optimiser comes from :meth:`ClassificationTask.configure_optimizers` (AdamW, betas (0.9, 0.95), no weight
-    decay on gates, norms, biases and embeddings), so the benchmark times the optimiser the project trains with.
+    The optimiser comes from :meth:`ClassificationTask.configure_optimizers` (AdamW, betas (0.9, 0.95), no
+    weight decay on gates, norms, biases and embeddings), so the benchmark times the optimiser the project
+    trains with.
     """
     variants: dict[str, Variant] = {}
     for name in VARIANTS:
@@ -133,7 +147,7 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 def make_batch(args: argparse.Namespace, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Seeded random images (B, C, H, W) and multi-hot targets (B, classes) with at least one label per image."""
+    """Seeded random images (B, C, H, W) and multi-hot targets (B, classes), at least one label per image."""
     gen = torch.Generator().manual_seed(args.seed)
     size = CONFIGS[args.config]["img_size"]
     images = torch.randn(batch_size, args.in_chans, size, size, generator=gen)  # (B, C, H, W)
@@ -142,7 +156,9 @@ def make_batch(args: argparse.Namespace, batch_size: int, device: torch.device) 
     return images.to(device), targets.to(device)
 
 
-def train_step(v: Variant, images: Tensor, targets: Tensor, autocast: Callable[[], Any], pr_rate: float) -> Tensor:
+def train_step(
+    v: Variant, images: Tensor, targets: Tensor, autocast: Callable[[], Any], pr_rate: float
+) -> Tensor:
     """Forward, BCE (+ lambda * L0 when gated), backward, AdamW step; returns the detached loss (no sync)."""
     v.optimizer.zero_grad(set_to_none=True)
     with autocast():
@@ -155,7 +171,7 @@ def train_step(v: Variant, images: Tensor, targets: Tensor, autocast: Callable[[
     return loss.detach()
 
 
-# ---- measurement helpers ---------------------------------------------------------------------------------------
+# ---- measurement helpers -----------------------------------------------------------------------------------
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so wall-clock time covers the work (CUDA launches are asynchronous)."""
     if device.type == "cuda":
@@ -176,8 +192,9 @@ def spread(values: list[float]) -> dict[str, float]:
 def time_ratio(variants: dict[str, Variant], num: str, den: str, cpu: bool = False) -> dict[str, Any]:
     """Per-repeat paired time ratios num/den (same repeat = same machine state), summarised.
 
-    ``cpu=True`` uses process CPU time instead of wall clock: on a shared machine, time the scheduler gives to
-    other processes inflates wall clock but not CPU time (cache and memory-bandwidth contention still count).
+    ``cpu=True`` uses process CPU time instead of wall clock: on a shared machine, time the scheduler gives
+    to other processes inflates wall clock but not CPU time (cache and memory-bandwidth contention still
+    count).
     """
     times = {n: variants[n].cpu_seconds if cpu else variants[n].seconds for n in (num, den)}
     pairs = [a / b for a, b in zip(times[num], times[den])]
@@ -192,7 +209,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-# ---- main ------------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -220,16 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = variants["gated"].model.cfg
     tokens = cfg.num_prefix_tokens + cfg.grid_size[0] * cfg.grid_size[1]
     params = sum(p.numel() for p in variants["ungated"].model.parameters())
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"config {args.config}: {cfg.img_size[0]}x{cfg.img_size[1]} px, patch {cfg.patch_size}, {tokens} tokens, "
-          f"dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, mlp {cfg.mlp_ratio:g}, "
-          f"{params / 1e6:.2f} M parameters, {args.in_chans} channels")
-    print(f"batch {batch_size}, {args.steps} step(s) x {args.repeats} repeat(s) per variant after {args.warmup} "
-          f"warm-up step(s); device {args.device} ({device_name}), {args.threads} thread(s), "
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or "cpu"
+    print(f"config {args.config}: {cfg.img_size[0]}x{cfg.img_size[1]} px, patch {cfg.patch_size}, "
+          f"{tokens} tokens, dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, "
+          f"mlp {cfg.mlp_ratio:g}, {params / 1e6:.2f} M parameters, {args.in_chans} channels")
+    print(f"batch {batch_size}, {args.steps} step(s) x {args.repeats} repeat(s) per variant after "
+          f"{args.warmup} warm-up step(s); device {args.device} ({device_name}), {args.threads} thread(s), "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
 
-    # Sanity: same weights, same gate samples (same seed) -> fused and explicit gated losses agree; ungated differs
-    # only by the closed heads. A benchmark of variants that compute different things would be meaningless.
+    # Sanity: same weights, same gate samples (same seed) -> fused and explicit gated logits agree; ungated
+    # differs only by the closed heads. A benchmark of variants that compute different things means nothing.
     first_loss, first_logits = {}, {}
     with torch.no_grad(), autocast():
         for name, v in variants.items():
@@ -244,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up variant by variant (thread pools, allocator, optimiser states), recording memory as it grows.
     torch.manual_seed(args.seed)
     rss_before = max_rss_mib()
-    for name in ("ungated", "gated", "explicit"):  # expected memory order, so each RSS delta is its own growth
+    for name in ("ungated", "gated", "explicit"):  # expected memory order: each RSS delta is its own growth
         v = variants[name]
         if device.type == "cuda":
             synchronize(device)
@@ -255,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         synchronize(device)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
-            v.memory = {"peak_mib": peak / 2**20, "step_peak_above_resident_mib": (peak - resident) / 2**20}
+            v.memory = {"peak_mib": peak / 2**20,
+                        "step_peak_above_resident_mib": (peak - resident) / 2**20}
         else:
             rss = max_rss_mib()
             v.memory = {"max_rss_mib": rss, "max_rss_growth_mib": rss - rss_before}
@@ -292,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in VARIANTS:
         v, t = variants[name], throughput[name]
         med_s = statistics.median(v.seconds)
-        mem = (f"{v.memory['peak_mib']:.0f} ({v.memory['step_peak_above_resident_mib']:.0f})"
-               if device.type == "cuda" else f"{v.memory['max_rss_mib']:.0f} (+{v.memory['max_rss_growth_mib']:.0f})")
+        if device.type == "cuda":
+            mem = f"{v.memory['peak_mib']:.0f} ({v.memory['step_peak_above_resident_mib']:.0f})"
+        else:
+            mem = f"{v.memory['max_rss_mib']:.0f} (+{v.memory['max_rss_growth_mib']:.0f})"
         print(f"{name:<9} {DESCRIPTIONS[name]:<33} {t['median']:9.1f} {t['min']:8.1f} {t['max']:8.1f} "
-              f"{t['q3'] - t['q1']:7.1f} {1000 * med_s / args.steps:8.1f} {med_s / ungated_time:12.3f}  {mem}")
+              f"{t['q3'] - t['q1']:7.1f} {1000 * med_s / args.steps:8.1f} {med_s / ungated_time:12.3f}  "
+              f"{mem}")
     print()
     verdict = "ok" if gated_ratio["median"] <= GATED_TIME_TARGET else "ABOVE TARGET"
     print(f"gated / ungated time ratio: {gated_ratio['median']:.3f} (target <= {GATED_TIME_TARGET:.2f}; "
@@ -305,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         g, e = cpu_ratios["gated_over_ungated"], cpu_ratios["explicit_over_fused"]
         print(f"same ratios in process CPU time (less sensitive to other processes): gated / ungated "
-              f"{g['median']:.3f} (min {g['min']:.3f}, max {g['max']:.3f}), explicit / fused {e['median']:.3f} "
-              f"(min {e['min']:.3f}, max {e['max']:.3f})")
+              f"{g['median']:.3f} (min {g['min']:.3f}, max {g['max']:.3f}), explicit / fused "
+              f"{e['median']:.3f} (min {e['min']:.3f}, max {e['max']:.3f})")
         print(f"memory: process max RSS {rss_start:.0f} MiB at start; growth is cumulative and coarse "
               "(ru_maxrss never falls), so only large differences between variants mean anything")
 

@@ -29,11 +29,13 @@ from weakseg.pseudolabels.refine import RefineConfig, TargetTiles, load_mask_fol
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
 ]
 
 TILE = 32
 WIDTHS = [4, 8]  # one pooling: tiles must be even
 FAST = dict(widths=WIDTHS, epochs=1, batch_size=4)
+REAL_FIT = refine_module._fit
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +65,16 @@ def pseudomasks(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def refined(data_root: Path, pseudomasks: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One real run shared by the layout tests: 2 iterations with a held-out eval split."""
+def refined(data_root: Path, pseudomasks: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict[str, Any]]]:
+    """One real run shared by the layout tests: 2 iterations with a held-out eval split, training recorded."""
     out = tmp_path_factory.mktemp("refine_out") / "run"
     cfg = RefineConfig(datadir=str(data_root), pseudomasks=str(pseudomasks), output_dir=str(out),
-                       eval_split="test", iterations=2, **FAST)
-    return out, refine(cfg)
+                       eval_split="test", iterations=2, seed=10, **FAST)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = record_fits(monkeypatch)
+        summary = refine(cfg)
+    return out, summary, calls
 
 
 def make_cfg(data_root: Path, pseudomasks: Path | None, out: Path, **kwargs: Any) -> RefineConfig:
@@ -80,11 +86,10 @@ def make_cfg(data_root: Path, pseudomasks: Path | None, out: Path, **kwargs: Any
 def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace training by a recording wrapper around the real one; returns the list of calls."""
     calls: list[dict[str, Any]] = []
-    real_fit = refine_module._fit
 
     def fit(task: Any, trainer: Any, loader: Any) -> None:
         calls.append({"targets": [m.copy() for m in loader.dataset.masks], "seed": torch.initial_seed()})
-        real_fit(task, trainer, loader)
+        REAL_FIT(task, trainer, loader)
 
     monkeypatch.setattr(refine_module, "_fit", fit)
     return calls
@@ -102,8 +107,8 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 
 # ---- layout and scores -------------------------------------------------------------------------------------
-def test_output_layout_and_summary(refined: tuple[Path, dict], data_root: Path) -> None:
-    out, summary = refined
+def test_output_layout_and_summary(refined: tuple[Path, dict, list], data_root: Path) -> None:
+    out, summary, _ = refined
     train_ids = open_dataset("dfc2020", data_root, "validation").ids
     test_ids = open_dataset("dfc2020", data_root, "test").ids
     assert (out / "config.yaml").is_file()
@@ -124,9 +129,9 @@ def test_output_layout_and_summary(refined: tuple[Path, dict], data_root: Path) 
     assert not list(out.rglob("*.tmp*")), "temporary files left behind"
 
 
-def test_iteration0_scores_equal_direct_evaluation(refined: tuple[Path, dict], data_root: Path,
+def test_iteration0_scores_equal_direct_evaluation(refined: tuple[Path, dict, list], data_root: Path,
                                                    pseudomasks: Path) -> None:
-    out, summary = refined
+    out, summary, _ = refined
     direct = evaluate_folder(pseudomasks, open_dataset("dfc2020", data_root, "validation"))
     stored = json.loads((out / "iter0" / "scores.json").read_text())["train_tiles"]
     assert stored["confusion_matrix"] == direct["confusion_matrix"]
@@ -134,8 +139,8 @@ def test_iteration0_scores_equal_direct_evaluation(refined: tuple[Path, dict], d
     assert direct["coverage"] < 1.0  # the 255 pixels of the pseudomasks count as unlabelled
 
 
-def test_iteration_scores_equal_direct_evaluation(refined: tuple[Path, dict], data_root: Path) -> None:
-    out, summary = refined
+def test_iteration_scores_equal_direct_evaluation(refined: tuple[Path, dict, list], data_root: Path) -> None:
+    out, summary, _ = refined
     test_reader = open_dataset("dfc2020", data_root, "test")
     train_reader = open_dataset("dfc2020", data_root, "validation")
     for i in (1, 2):
@@ -146,8 +151,8 @@ def test_iteration_scores_equal_direct_evaluation(refined: tuple[Path, dict], da
         assert train["coverage"] == 1.0  # the UNet labels every pixel
 
 
-def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, dict], data_root: Path) -> None:
-    out, _ = refined
+def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, dict, list], data_root: Path) -> None:
+    out, _, _ = refined
     for split, folder in (("validation", "masks"), ("test", "eval_masks")):
         reader = open_dataset("dfc2020", data_root, split)
         for i, tile_id in enumerate(reader.ids):
@@ -160,18 +165,29 @@ def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, 
                 assert pred.read(1).max() < 8
 
 
-def test_each_iteration_trains_on_previous_masks_with_its_seed(
-    data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = record_fits(monkeypatch)
-    out = tmp_path / "run"
-    refine(make_cfg(data_root, pseudomasks, out, iterations=2, seed=10))
+def test_each_iteration_trains_on_previous_masks_with_its_seed(refined: tuple[Path, dict, list],
+                                                             data_root: Path, pseudomasks: Path) -> None:
+    out, _, calls = refined
     reader = open_dataset("dfc2020", data_root, "validation")
-    assert [c["seed"] for c in calls] == [11, 12]
+    assert [c["seed"] for c in calls] == [11, 12]  # seed + iteration
     expected_iter1 = [read_prediction_mask(pseudomasks / f"{t}.tif") for t in reader.ids]
     expected_iter2 = [read_prediction_mask(out / "iter1" / "masks" / f"{t}.tif") for t in reader.ids]
     assert all(np.array_equal(a, b) for a, b in zip(calls[0]["targets"], expected_iter1, strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(calls[1]["targets"], expected_iter2, strict=True))
+
+
+def test_unet_learns_single_class_pseudomasks(data_root: Path, tmp_path: Path) -> None:
+    """Pseudomasks labelling every pixel class 3: the trained UNet predicts class 3 everywhere."""
+    reader = open_dataset("dfc2020", data_root, "validation")
+    folder = tmp_path / "pm"
+    folder.mkdir()
+    for i, tile_id in enumerate(reader.ids):
+        write_mask_geotiff(folder / f"{tile_id}.tif", np.full((TILE, TILE), 3, np.uint8), reader.source_path(i))
+    summary = refine(make_cfg(data_root, folder, tmp_path / "out", iterations=1, epochs=6, lr=0.02))
+    for tile_id in reader.ids:
+        assert (read_prediction_mask(tmp_path / "out" / "iter1" / "masks" / f"{tile_id}.tif") == 3).all()
+    # Same masks, same scores: the refined iteration scores exactly like the constant input.
+    assert summary["iterations"][1]["train_scores"] == summary["iterations"][0]["train_scores"]
 
 
 def test_training_samples_flip_and_rotate_image_and_mask_together(data_root: Path) -> None:
@@ -209,9 +225,9 @@ def test_supervised_trains_on_ground_truth(data_root: Path, tmp_path: Path, monk
     assert summary["iterations"] == []
 
 
-def test_supervised_and_refinement_share_one_summary(refined: tuple[Path, dict], data_root: Path,
+def test_supervised_and_refinement_share_one_summary(refined: tuple[Path, dict, list], data_root: Path,
                                                      pseudomasks: Path) -> None:
-    out, first = refined
+    out, first, _ = refined
     summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test", iterations=2))
     assert summary["iterations"] == json.loads(json.dumps(first["iterations"]))
     assert summary["supervised"]["masks"] == str(out / "supervised" / "masks")
@@ -237,7 +253,7 @@ def test_resume_skips_finished_iterations_and_extends(
     assert [e["resumed"] for e in summary["iterations"]] == [False, True, False]
 
 
-def test_unfinished_iteration_and_later_ones_are_redone(
+def test_unfinished_iteration_is_redone_and_later_ones_unmarked(
     data_root: Path, pseudomasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
@@ -245,9 +261,11 @@ def test_unfinished_iteration_and_later_ones_are_redone(
     (out / "iter1" / "done.json").unlink()  # as if killed while iteration 1 was written
     (out / "iter1" / "masks" / "stale.tif").write_bytes(b"")  # a leftover file must not survive
     calls = record_fits(monkeypatch)
-    refine(make_cfg(data_root, pseudomasks, out, iterations=2))
-    assert [c["seed"] for c in calls] == [1, 2]
+    refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+    assert [c["seed"] for c in calls] == [1]
     assert not (out / "iter1" / "masks" / "stale.tif").exists()
+    # iteration 2 was made from the old iteration-1 masks: it must not be reused later
+    assert not (out / "iter2" / "done.json").exists()
 
 
 def test_new_eval_split_on_resume_uses_the_saved_unet(
@@ -263,13 +281,13 @@ def test_new_eval_split_on_resume_uses_the_saved_unet(
     assert json.loads((out / "iter1" / "done.json").read_text())["eval_split"] == "test"
 
 
-def test_changed_settings_refuse_to_reuse_a_finished_iteration(
-    data_root: Path, pseudomasks: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
-    refine(make_cfg(data_root, pseudomasks, out, iterations=1))
+def test_changed_settings_refuse_to_reuse_a_finished_iteration(refined: tuple[Path, dict, list],
+                                                              data_root: Path, pseudomasks: Path) -> None:
+    out, _, _ = refined
+    before = mtimes(out)
     with pytest.raises(ConfigError, match=r"iter1 was finished with other settings \(epochs: 1 then, 2 now\)"):
-        refine(make_cfg(data_root, pseudomasks, out, iterations=1, epochs=2))
+        refine(make_cfg(data_root, pseudomasks, out, iterations=2, seed=10, epochs=2))
+    assert mtimes(out) == before  # refused before writing anything
 
 
 # ---- errors ------------------------------------------------------------------------------------------------

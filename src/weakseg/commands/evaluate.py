@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--datadir", type=Path, required=True, metavar="ROOT", help="dataset root folder")
     parser.add_argument(
-        "--split", choices=("validation", "test"), required=True, help="split whose ground truth is used"
+        "--split", required=True, help="split whose ground truth is used (DFC2020: validation or test; folder: all or a split list)"
     )
     parser.add_argument(
         "--dataset", choices=("dfc2020", "folder"), default="dfc2020", help="dataset layout (default dfc2020)"

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,17 +230,15 @@ def write_mask_geotiff(path: Path, mask: np.ndarray, source: Path | None) -> Non
     """Single-band uint8 GeoTIFF (255 = unlabelled) with the source's CRS and transform when it has them."""
     profile: dict[str, Any] = dict(driver="GTiff", height=mask.shape[0], width=mask.shape[1], count=1,
                                    dtype="uint8", nodata=IGNORE_INDEX, compress="deflate")
-    if source is not None and source.suffix.lower() in (".tif", ".tiff"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain PNG/TIFF sources have no georeference
+        if source is not None and source.suffix.lower() in (".tif", ".tiff"):
             with rasterio.open(source) as src:
                 if src.crs is not None and (src.height, src.width) == mask.shape:
                     profile.update(crs=src.crs, transform=src.transform)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(mask[None])
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(mask[None])
     os.replace(tmp, path)
 
 

@@ -478,8 +478,8 @@ def _add_eval_predictions(ctx: _Context, stage_dir: Path, done: dict[str, Any]) 
     return done
 
 
-def _finished(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[str, Any] | None:
-    """The stage's done record if it finished with the current settings; ConfigError if with others."""
+def _check_reusable(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[str, Any] | None:
+    """The stage's done record, or None if unfinished; ConfigError if it was finished with other settings."""
     done = _read_json(stage_dir / DONE_FILE)
     if done is None:
         return None
@@ -491,9 +491,23 @@ def _finished(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[str, Any
             f"{stage_dir} was finished with other settings ({details}); choose a new output folder (--output) "
             f"or delete {stage_dir} to redo it"
         )
-    if ctx.cfg.eval_split and done.get("eval_split") != ctx.cfg.eval_split:
+    return done
+
+
+def _finished(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[str, Any] | None:
+    """:func:`_check_reusable`, plus predictions for a newly requested eval split from the saved UNet."""
+    done = _check_reusable(ctx, stage_dir, supervised)
+    if done is not None and ctx.cfg.eval_split and done.get("eval_split") != ctx.cfg.eval_split:
         done = _add_eval_predictions(ctx, stage_dir, done)
     return done
+
+
+def _invalidate_later_iterations(out: Path, iteration: int) -> None:
+    """Iterations after a retrained one were made from masks that no longer exist: unmark them."""
+    for stage_dir in out.glob("iter*"):
+        suffix = stage_dir.name[len("iter"):]
+        if suffix.isdigit() and int(suffix) > iteration:
+            (stage_dir / DONE_FILE).unlink(missing_ok=True)
 
 
 def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: dict[str, Any] | None,
@@ -550,8 +564,9 @@ def format_refine_table(summary: dict[str, Any]) -> str:
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
     lines = ["  ".join([line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])])
              for line in [header, *body]]
-    title = (f"scores in % on the training tiles of {summary.get('split')!r} (pseudo-label quality) and on "
-             f"{summary.get('eval_split')!r} (segmentation quality)")
+    title = f"scores in % on the training tiles of {summary.get('split')!r} (pseudo-label quality)"
+    if summary.get("eval_split"):
+        title += f" and on {summary['eval_split']!r} (segmentation quality)"
     return "\n".join([title, lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
@@ -600,6 +615,13 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
     targets = ([np.asarray(ctx.train_reader.read_mask(i), dtype=np.uint8) for i in range(len(ctx.train_reader.ids))]
                if cfg.supervised else load_mask_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, cfg.split,
                                                        ctx.tile_size))
+    # Refuse a folder of other settings before writing anything into it.
+    if cfg.supervised:
+        _check_reusable(ctx, out / SUPERVISED_DIR, supervised=True)
+    else:
+        for i in range(1, cfg.iterations + 1):
+            if _check_reusable(ctx, out / f"iter{i}", supervised=False) is None:
+                break
     if _is_rank_zero():
         save_resolved(cfg, out, name="config_supervised.yaml" if cfg.supervised else "config.yaml",
                       band_stats=ctx.band_stats)
@@ -649,6 +671,8 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
             resumed = done is not None
             if done is None:
                 redo = True
+                if _is_rank_zero():
+                    _invalidate_later_iterations(out, i)
                 if i > 1:
                     targets = load_mask_folder(out / f"iter{i - 1}" / "masks", ctx.train_reader, cfg.split,
                                                ctx.tile_size)
