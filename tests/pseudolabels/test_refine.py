@@ -103,7 +103,8 @@ def forbid_fits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in files}
 
 
 # ---- layout and scores -------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def test_iteration0_scores_equal_direct_evaluation(refined: tuple[Path, dict, li
     direct = evaluate_folder(pseudomasks, open_dataset("dfc2020", data_root, "validation"))
     stored = json.loads((out / "iter0" / "scores.json").read_text())["train_tiles"]
     assert stored["confusion_matrix"] == direct["confusion_matrix"]
-    assert summary["iterations"][0]["train_scores"] == {k: direct[k] for k in ("miou", "oa", "aa", "coverage")}
+    expected = {key: direct[key] for key in ("miou", "oa", "aa", "coverage")}
+    assert summary["iterations"][0]["train_scores"] == expected
     assert direct["coverage"] < 1.0  # the 255 pixels of the pseudomasks count as unlabelled
 
 
@@ -151,7 +153,8 @@ def test_iteration_scores_equal_direct_evaluation(refined: tuple[Path, dict, lis
         assert train["coverage"] == 1.0  # the UNet labels every pixel
 
 
-def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, dict, list], data_root: Path) -> None:
+def test_predictions_have_tile_size_dtype_and_georeference(refined: tuple[Path, dict, list],
+                                                           data_root: Path) -> None:
     out, _, _ = refined
     for split, folder in (("validation", "masks"), ("test", "eval_masks")):
         reader = open_dataset("dfc2020", data_root, split)
@@ -182,7 +185,8 @@ def test_unet_learns_single_class_pseudomasks(data_root: Path, tmp_path: Path) -
     folder = tmp_path / "pm"
     folder.mkdir()
     for i, tile_id in enumerate(reader.ids):
-        write_mask_geotiff(folder / f"{tile_id}.tif", np.full((TILE, TILE), 3, np.uint8), reader.source_path(i))
+        constant = np.full((TILE, TILE), 3, np.uint8)
+        write_mask_geotiff(folder / f"{tile_id}.tif", constant, reader.source_path(i))
     summary = refine(make_cfg(data_root, folder, tmp_path / "out", iterations=1, epochs=6, lr=0.02))
     for tile_id in reader.ids:
         assert (read_prediction_mask(tmp_path / "out" / "iter1" / "masks" / f"{tile_id}.tif") == 3).all()
@@ -209,12 +213,14 @@ def test_training_samples_flip_and_rotate_image_and_mask_together(data_root: Pat
 
 
 # ---- supervised --------------------------------------------------------------------------------------------
-def test_supervised_trains_on_ground_truth(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_supervised_trains_on_ground_truth_beside_the_refinement(
+    refined: tuple[Path, dict, list], data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, first, _ = refined
     calls = record_fits(monkeypatch)
-    out = tmp_path / "sup"
-    summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test"))
+    summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test", seed=10))
     reader = open_dataset("dfc2020", data_root, "validation")
-    assert len(calls) == 1 and calls[0]["seed"] == 1  # seed + 1: the same initialisation as iteration 1
+    assert len(calls) == 1 and calls[0]["seed"] == 11  # seed + 1: the same initialisation as iteration 1
     assert all(np.array_equal(a, reader.read_mask(i)) for i, a in enumerate(calls[0]["targets"]))
     stage = out / "supervised"
     assert sorted(p.stem for p in (stage / "masks").glob("*.tif")) == sorted(reader.ids)
@@ -222,16 +228,9 @@ def test_supervised_trains_on_ground_truth(data_root: Path, tmp_path: Path, monk
     assert (stage / "done.json").is_file() and (out / "config_supervised.yaml").is_file()
     direct = evaluate_folder(stage / "eval_masks", open_dataset("dfc2020", data_root, "test"))
     assert summary["supervised"]["eval_scores"]["miou"] == pytest.approx(direct["miou"])
-    assert summary["iterations"] == []
-
-
-def test_supervised_and_refinement_share_one_summary(refined: tuple[Path, dict, list], data_root: Path,
-                                                     pseudomasks: Path) -> None:
-    out, first, _ = refined
-    summary = refine(make_cfg(data_root, None, out, supervised=True, eval_split="test", iterations=2))
+    # One summary for both modes: the refinement's iterations are kept.
     assert summary["iterations"] == json.loads(json.dumps(first["iterations"]))
-    assert summary["supervised"]["masks"] == str(out / "supervised" / "masks")
-    assert json.loads((out / "summary.json").read_text())["supervised"] is not None
+    assert json.loads((out / "summary.json").read_text())["supervised"]["masks"] == str(stage / "masks")
 
 
 # ---- resume ------------------------------------------------------------------------------------------------
@@ -285,7 +284,8 @@ def test_changed_settings_refuse_to_reuse_a_finished_iteration(refined: tuple[Pa
                                                               data_root: Path, pseudomasks: Path) -> None:
     out, _, _ = refined
     before = mtimes(out)
-    with pytest.raises(ConfigError, match=r"iter1 was finished with other settings \(epochs: 1 then, 2 now\)"):
+    message = r"iter1 was finished with other settings \(epochs: 1 then, 2 now\)"
+    with pytest.raises(ConfigError, match=message):
         refine(make_cfg(data_root, pseudomasks, out, iterations=2, seed=10, epochs=2))
     assert mtimes(out) == before  # refused before writing anything
 
@@ -320,10 +320,22 @@ def test_pseudomask_with_values_outside_the_classes(data_root: Path, tmp_path: P
         refine(make_cfg(data_root, folder, tmp_path / "out"))
 
 
-def test_tile_size_not_divisible_suggests_widths_or_crop(data_root: Path, pseudomasks: Path, tmp_path: Path) -> None:
+def test_tile_size_not_divisible_suggests_widths_or_crop(data_root: Path, pseudomasks: Path,
+                                                         tmp_path: Path) -> None:
     widths = [4, 8, 16, 32, 64, 128, 256]  # 6 poolings: 64 does not divide 32
-    with pytest.raises(ConfigError, match=r"32x32, not divisible by 64 .*--widths 4 8 16 32 64 128\) or crop"):
+    message = r"32x32, not divisible by 64 .*use at most 6 widths \(e.g. --widths 4 8 16 32 64 128\)$"
+    with pytest.raises(ConfigError, match=message):
         refine(make_cfg(data_root, pseudomasks, tmp_path / "out", widths=widths))
+
+
+def test_size_message_suggests_the_largest_valid_crop() -> None:
+    reader = SimpleNamespace(ids=["a"], read_image=lambda i: np.zeros((3, 60, 44), np.float32))
+    # 60 = 4 * 15 and 44 = 4 * 11: two poolings fit, three (divisor 8) do not; 56x40 is the crop inside.
+    message = (r"60x44, not divisible by 8 .*at most 3 widths \(e.g. --widths 16 32 64\) "
+               r"or crop the tiles to 56x40$")
+    with pytest.raises(ConfigError, match=message):
+        refine_module._tile_geometry(reader, "validation", [16, 32, 64, 128])
+    assert refine_module._tile_geometry(reader, "validation", [16, 32, 64]) == (3, (60, 44))
 
 
 def test_refinement_without_pseudomasks_is_a_config_error(data_root: Path, tmp_path: Path) -> None:
@@ -338,7 +350,8 @@ def make_folder_dataset(root: Path, n: int = 4) -> Path:
     rng = np.random.default_rng(0)
     rows = ["id,labels"]
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)).save(root / "images" / f"t{i}.png")
+        pixels = rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"t{i}.png")
         rows.append(f"t{i},land")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -359,15 +372,17 @@ def test_refinement_without_ground_truth_writes_masks_and_no_scores(tmp_path: Pa
     summary = refine(make_cfg(root, pm, tmp_path / "out", dataset="folder", split="all", iterations=1))
     assert not summary["has_ground_truth"]
     assert [e["train_scores"] for e in summary["iterations"]] == [None, None]
-    assert sorted(p.name for p in (tmp_path / "out" / "iter1" / "masks").iterdir()) == [f"t{i}.tif" for i in range(4)]
+    written = sorted(p.name for p in (tmp_path / "out" / "iter1" / "masks").iterdir())
+    assert written == [f"t{i}.tif" for i in range(4)]
 
 
-# ---- the command ----------------------------------------------------------------------------------------------
+# ---- the command -------------------------------------------------------------------------------------------
 def test_refine_command_end_to_end(data_root: Path, pseudomasks: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    code = main(["refine", "--datadir", str(data_root), "--pseudomasks", str(pseudomasks), "--output", str(out),
-                 "--eval_split", "test", "--iterations", "1", "--epochs", "1", "--batch_size", "4",
+    code = main(["refine", "--datadir", str(data_root), "--pseudomasks", str(pseudomasks),
+                 "--output", str(out), "--eval_split", "test", "--iterations", "1", "--epochs", "1",
+                 "--batch_size", "4",
                  "--widths", "4", "8", "--learning_rate", "0.01", "--seed", "3", "--no-augment",
                  "--accelerator", "cpu"])
     assert code == 0
@@ -392,8 +407,8 @@ def test_model_checkpoint_supplies_data_settings_and_flags_win(monkeypatch: pyte
     from weakseg.tasks import classification
 
     stats = ((0.1,) * 15, (0.2,) * 15)
-    data_config = {"dataset": "dfc2020", "modality": "s1s2", "normalization": "standardize", "band_stats": stats,
-                   "augmentations": ["fliprot"]}
+    data_config = {"dataset": "dfc2020", "modality": "s1s2", "normalization": "standardize",
+                   "band_stats": stats, "augmentations": ["fliprot"]}
     monkeypatch.setattr(classification, "load_classifier",
                         lambda path: SimpleNamespace(hparams={"data_config": data_config}))
     args = argparse.Namespace(datadir="d", output="o", model_checkpoint=Path("c.ckpt"), widths=[4, 8])
@@ -411,7 +426,8 @@ def test_command_needs_datadir_and_output() -> None:
         resolve_refine_config(argparse.Namespace(datadir="d"))
 
 
-def test_mask_folder_loader_ignores_masks_of_other_tiles(data_root: Path, pseudomasks: Path, tmp_path: Path) -> None:
+def test_mask_folder_loader_ignores_masks_of_other_tiles(data_root: Path, pseudomasks: Path,
+                                                         tmp_path: Path) -> None:
     folder = tmp_path / "pm"
     folder.mkdir()
     for path in pseudomasks.iterdir():
@@ -420,3 +436,16 @@ def test_mask_folder_loader_ignores_masks_of_other_tiles(data_root: Path, pseudo
     reader = open_dataset("dfc2020", data_root, "validation")
     masks = load_mask_folder(folder, reader, "validation", (TILE, TILE))
     assert len(masks) == 8 and all(m.dtype == np.uint8 and m.shape == (TILE, TILE) for m in masks)
+
+
+def test_refine_table_shows_percentages_per_stage() -> None:
+    scores = {"miou": 0.5, "oa": 0.755, "aa": 0.25, "coverage": 1.0}
+    summary = {"split": "validation", "eval_split": "test",
+               "iterations": [{"iteration": 0, "train_scores": scores, "eval_scores": None},
+                              {"iteration": 1, "train_scores": scores, "eval_scores": {**scores, "miou": 0.125}}],
+               "supervised": {"iteration": "supervised", "train_scores": None, "eval_scores": scores}}
+    lines = refine_module.format_refine_table(summary).splitlines()
+    assert "'validation'" in lines[0] and "'test'" in lines[0]
+    assert lines[3].split() == ["iter0", "50.0", "75.5", "25.0", "-", "-", "-"]
+    assert lines[4].split() == ["iter1", "50.0", "75.5", "25.0", "12.5", "75.5", "25.0"]
+    assert lines[5].split() == ["supervised", "-", "-", "-", "50.0", "75.5", "25.0"]

@@ -195,7 +195,7 @@ def write_figures(out: Path, data: Path, ckpt: dict[str, Path], mask_dirs: dict[
     last_iter = refined["iterations"][-1]
     columns = {"ground truth": None, "Grad-CAM": mask_dirs["Grad-CAM"],
                "attention": mask_dirs["attention (no pruning)"], "pruned attention": mask_dirs["attention (pruned)"],
-               f"refined (iter {last_iter['iteration']})": Path(last_iter["mask_dir"])}
+               f"refined (iter {last_iter['iteration']})": Path(last_iter["masks"])}
     rows = []
     for i in picks:
         tid = reader.ids[i]

@@ -1,16 +1,16 @@
-"""``weakseg refine``: stage 3, train a UNet on the pseudomasks and use its predictions as the next ones.
+"""``weakseg refine``: stage 3, train a UNet on the pseudomasks; its predictions become the next ones.
 
-Hanna, Mommert and Borth (CVPRW 2023) refine their attention pseudomasks by training "a standard UNet" on them for
-a few epochs, twice. Example (after ``weakseg pseudomasks --output runs/pm``)::
+Hanna, Mommert and Borth (CVPRW 2023) refine their attention pseudomasks by training "a standard UNet" on them
+for a few epochs, twice. Example (after ``weakseg pseudomasks --output runs/pm``)::
 
     weakseg refine --datadir DATA --pseudomasks runs/pm --output runs/refine --eval_split test \\
         --model_checkpoint runs/train/checkpoints/best.ckpt
 
-``--model_checkpoint`` takes the classifier's input settings (dataset, modality, normalisation, band statistics)
-so the UNet sees the inputs the ViT saw; flags given explicitly win. ``--supervised`` trains the same UNet on the
-ground-truth masks instead (the fully supervised upper bound) into ``<output>/supervised``. Outputs:
-``<output>/iter{i}/masks/<id>.tif`` (the refined pseudomasks), ``eval_masks/``, ``scores.json`` per iteration and
-``summary.json``. Re-running skips finished iterations.
+``--model_checkpoint`` takes the classifier's input settings (dataset, modality, normalisation, band
+statistics) so the UNet sees the inputs the ViT saw; flags given explicitly win. ``--supervised`` trains the
+same UNet on the ground-truth masks instead (the fully supervised upper bound) into ``<output>/supervised``.
+Outputs: ``<output>/iter{i}/masks/<id>.tif`` (the refined pseudomasks), ``eval_masks/``, ``scores.json`` per
+iteration and ``summary.json``. Re-running skips finished iterations.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--pseudomasks", help="iteration-0 mask folder (weakseg pseudomasks --output)")
     p.add_argument("--output", help="output folder")
     p.add_argument("--model_checkpoint", type=Path,
-                   help="classifier checkpoint whose data settings (modality, normalisation, band stats) to reuse")
+                   help="classifier checkpoint whose data settings (modality, normalisation, stats) to reuse")
     p.add_argument("--split", help="pseudo-labelled split to train on (default: validation)")
-    p.add_argument("--eval_split", help="held-out split to predict and score after each iteration (e.g. test)")
+    p.add_argument("--eval_split", help="held-out split to predict and score after each iteration (test)")
     p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: dfc2020)")
     p.add_argument("--multimodal", action=bool_flag, help="Sentinel-1 + Sentinel-2 inputs (15 channels)")
     p.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--learning_rate", type=float, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--widths", type=int, nargs="+", help="UNet stage widths (default 16 32 64 128)")
     p.add_argument("--seed", type=int, help="iteration i uses seed + i (default 0)")
-    p.add_argument("--augment", action=bool_flag, help="joint random flips and 90-degree rotations (default on)")
+    p.add_argument("--augment", action=bool_flag, help="joint random flips and 90-degree rotations (on)")
     p.add_argument("--supervised", action=bool_flag, help="train on the ground-truth masks (upper bound)")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--num_devices", type=int, help="devices; >1 trains with DDP")
@@ -63,12 +63,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def checkpoint_data_settings(path: Path) -> dict[str, Any]:
-    """The classifier checkpoint's input settings as RefineConfig fields (dataset, modality, normalisation, stats)."""
+    """The classifier checkpoint's input settings (dataset, modality, normalisation, band stats) as fields."""
     from weakseg.tasks import classification
 
     data_config = classification.load_classifier(path).hparams.get("data_config")
     if not data_config:
-        raise ConfigError(f"checkpoint {path} records no data_config (--model_checkpoint); pass the settings as flags")
+        raise ConfigError(
+            f"checkpoint {path} records no data_config (--model_checkpoint); pass the settings as flags"
+        )
     settings = {key: data_config[key] for key in CHECKPOINT_DATA_KEYS if data_config.get(key) is not None}
     if settings.get("band_stats") is not None:
         settings["band_stats"] = [list(map(float, values)) for values in settings["band_stats"]]
@@ -91,7 +93,8 @@ def resolve_refine_config(args: argparse.Namespace) -> Any:
     yaml_layer = load_yaml(config_file) if config_file else {}
     base = {"datadir": None, "pseudomasks": None, "output_dir": None}
     cfg = resolve(RefineConfig, base, checkpoint_layer, yaml_layer, flags,
-                  source_names=["defaults", f"checkpoint {checkpoint}", f"config file {config_file}", "flags"])
+                  source_names=["defaults", f"checkpoint {checkpoint}", f"config file {config_file}",
+                                "flags"])
     if not cfg.datadir:
         raise ConfigError("refine needs a dataset folder (--datadir)")
     if not cfg.output_dir:

@@ -1,18 +1,19 @@
-"""Stage 3: refine pseudomasks by training a UNet on them, iteratively, plus the fully supervised upper bound.
+"""Stage 3: refine pseudomasks by training a UNet on them, iteratively; plus the fully supervised upper bound.
 
 Hanna, Mommert and Borth, "Sparse Multimodal Vision Transformer for Weakly Supervised Semantic Segmentation",
-CVPRW 2023, close their pipeline with "multiple stages of supervised training of a segmentation model, utilizing
-the pseudomasks generated in the previous iteration as supervision", and show iterations 0 (the raw attention
-pseudomasks), 1 and 2. They compare against the same segmenter trained on the pixel-level ground truth ("fully
-supervised"). The paper publishes no settings; the project defaults (reference ``sparse_vit.md`` section 5) are a
-standard UNet (:class:`weakseg.models.unet.UNet`), cross-entropy ignoring 255, AdamW with lr 1e-3, ~10 epochs per
-iteration, 2 iterations, the UNet's argmax on the pseudo-labelled tiles as the next pseudomasks, no
-post-processing.
+CVPRW 2023, close their pipeline with "multiple stages of supervised training of a segmentation model,
+utilizing the pseudomasks generated in the previous iteration as supervision", and show iterations 0 (the raw
+attention pseudomasks), 1 and 2. They compare against the same segmenter trained on the pixel-level ground
+truth ("fully supervised"). The paper publishes no settings; the project defaults (reference ``sparse_vit.md``
+section 5) are a standard UNet (:class:`weakseg.models.unet.UNet`), cross-entropy ignoring 255, AdamW with
+lr 1e-3, ~10 epochs per iteration, 2 iterations, the UNet's argmax on the pseudo-labelled tiles as the next
+pseudomasks, no post-processing.
 
-Iteration ``i >= 1`` trains a fresh UNet (seed ``seed + i``) on the tiles of ``split`` with the masks of iteration
-``i - 1`` as targets, then predicts every tile of ``split`` (the next pseudomasks) and, when given, the held-out
-``eval_split``. Inputs are normalised like the classifier's (its checkpoint's ``data_config``), so the UNet sees
-what the ViT saw. Layout of ``output_dir``::
+Iteration ``i >= 1`` trains a fresh UNet (seed ``seed + i``) on the tiles of ``split`` with the masks of
+iteration ``i - 1`` as targets, then predicts every tile of ``split`` (the next pseudomasks) and, when given,
+the held-out ``eval_split``. Inputs are normalised like the classifier's (its checkpoint's ``data_config``),
+so the UNet sees what the ViT saw. There is no validation loop: choosing epochs on ground truth would be
+model selection with labels that weak supervision does not have. Layout of ``output_dir``::
 
     config.yaml / config_supervised.yaml   resolved settings (weakseg.config.save_resolved)
     summary.json                           per-iteration scores (both modes, merged)
@@ -20,16 +21,16 @@ what the ViT saw. Layout of ``output_dir``::
     iter{i}/masks/<id>.tif                 predictions on ``split``: the pseudomasks of iteration i
     iter{i}/eval_masks/<id>.tif            predictions on ``eval_split``
     iter{i}/scores.json                    {"train_tiles": ..., "eval_split": ...} (evaluate_folder results)
-    iter{i}/unet.ckpt                      the trained UNet (weights only, SegmentationTask.load_from_checkpoint)
+    iter{i}/unet.ckpt                      the UNet, weights only (SegmentationTask.load_from_checkpoint)
     iter{i}/metrics.csv                    training loss per step and epoch (CSVLogger)
     iter{i}/done.json                      completion marker, written last
     supervised/...                         the same for the UNet trained on the ground truth
 
-**Resume.** Every mask and JSON file is written atomically, and ``done.json`` last, so a folder with the marker
-is complete. A re-run skips finished stages whose recorded settings match; a stage without the marker is redone
-from scratch, and so is every later iteration (its inputs changed). Finished stages that lack predictions for a
-newly requested ``eval_split`` get them from their saved UNet without retraining. Raising ``iterations`` on a
-re-run trains only the new iterations.
+**Resume.** Every mask and JSON file is written atomically, and ``done.json`` last, so a folder with the
+marker is complete. A re-run skips finished stages whose recorded settings match (other settings are refused
+before anything is written); a stage without the marker is redone from scratch, and so is every later
+iteration (its inputs changed). Finished stages that lack predictions for a newly requested ``eval_split`` get
+them from their saved UNet without retraining. Raising ``iterations`` on a re-run trains only the new ones.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from weakseg.errors import ConfigError, DataError
 from weakseg.evaluation.compare import evaluate_folder, list_prediction_masks, read_prediction_mask
 from weakseg.evaluation.metrics import format_scores_table
 from weakseg.io import atomic_write_json
-from weakseg.models.unet import nearest_valid_size
 from weakseg.pseudolabels.generate import write_mask_geotiff
 from weakseg.tasks.segmentation import SegmentationTask
 
@@ -98,14 +98,16 @@ class RefineConfig:
         split: the pseudo-labelled split the UNet trains on (DFC2020: "validation", as the classifier).
         eval_split: optional held-out split to predict and score after each iteration (DFC2020: "test").
         modality: "s2" or "s1s2".
-        normalization: "none", "per_image_max" or "standardize"; take it from the classifier's ``data_config``.
+        normalization: "none", "per_image_max" or "standardize"; take it from the classifier's
+            ``data_config``.
         band_stats: (mean, std) per band for "standardize"; computed on ``split`` when missing.
         iterations: refinement iterations after iteration 0 (the paper shows 2).
         epochs: training epochs per iteration.
         batch_size: training batch per device (prediction uses twice this).
         lr: AdamW learning rate.
         widths: UNet stage widths; tiles must be divisible by ``2 ** (len(widths) - 1)``.
-        seed: iteration ``i`` is seeded with ``seed + i`` (weights, shuffling, augmentation).
+        seed: iteration ``i`` is seeded with ``seed + i`` (weights, shuffling, augmentation); the supervised
+            run uses ``seed + 1``: it starts from the weights of iteration 1, and only the targets differ.
         num_workers: data loader workers.
         accelerator, num_devices: Lightning Trainer settings (``num_devices > 1`` uses DDP).
         supervised: train on the ground-truth masks of ``split`` instead (the upper bound), into
@@ -165,16 +167,17 @@ class TargetTiles(Dataset):
         image = torch.from_numpy(np.asarray(self.reader.read_image(i), dtype=np.float32))  # (C, H, W)
         if tuple(image.shape[-2:]) != self.tile_size:
             raise DataError(
-                f"tile {self.reader.source_path(i)} is {image.shape[-2]}x{image.shape[-1]} but the first tile of "
-                f"the split is {self.tile_size[0]}x{self.tile_size[1]}; refinement needs tiles of one size"
+                f"tile {self.reader.source_path(i)} is {image.shape[-2]}x{image.shape[-1]} but the first "
+                f"tile of the split is {self.tile_size[0]}x{self.tile_size[1]}; refinement needs tiles of "
+                "one size"
             )
         sample: dict[str, Any] = {"image": image, "id": self.reader.ids[i], "index": i}
         if self.masks is not None:
             mask = self.masks[i]  # (H, W)
             if mask.shape != self.tile_size:
                 raise DataError(
-                    f"the target mask of tile {self.reader.ids[i]!r} is {mask.shape[0]}x{mask.shape[1]} but the "
-                    f"tile {self.reader.source_path(i)} is {self.tile_size[0]}x{self.tile_size[1]}"
+                    f"the target mask of tile {self.reader.ids[i]!r} is {mask.shape[0]}x{mask.shape[1]} "
+                    f"but the tile {self.reader.source_path(i)} is {self.tile_size[0]}x{self.tile_size[1]}"
                 )
             sample["mask"] = torch.from_numpy(mask.astype(np.int64))
         return self.transform(sample)
@@ -218,8 +221,8 @@ def load_mask_folder(folder: Path, reader: Any, split: str, tile_size: tuple[int
         mask = read_prediction_mask(path)  # (H, W)
         if mask.shape != tile_size:
             raise DataError(
-                f"pseudomask {path} is {mask.shape[0]}x{mask.shape[1]} but tile {tile_id!r} of split {split!r} is "
-                f"{tile_size[0]}x{tile_size[1]}"
+                f"pseudomask {path} is {mask.shape[0]}x{mask.shape[1]} but tile {tile_id!r} of split "
+                f"{split!r} is {tile_size[0]}x{tile_size[1]}"
             )
         bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
         if bad.any():
@@ -244,18 +247,19 @@ def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int,
         while height % 2 ** (fitting + 1) == 0 and width % 2 ** (fitting + 1) == 0:
             fitting += 1
         suggestion = " ".join(str(w) for w in list(widths)[: fitting + 1])
+        crop = (height // divisor * divisor, width // divisor * divisor)  # largest valid crop inside the tile
+        crop_hint = f" or crop the tiles to {crop[0]}x{crop[1]}" if min(crop) > 0 else ""
         raise ConfigError(
             f"tiles of split {split!r} are {height}x{width}, not divisible by {divisor} (a UNet with "
             f"{len(widths)} widths pools {levels} times); use at most {fitting + 1} widths (e.g. --widths "
-            f"{suggestion}) or crop the tiles to {nearest_valid_size(height, divisor)}x"
-            f"{nearest_valid_size(width, divisor)}"
+            f"{suggestion}){crop_hint}"
         )
     return int(channels), (int(height), int(width))
 
 
 # ---- Lightning plumbing ------------------------------------------------------------------------------------
 class MaskFolderWriter(BasePredictionWriter):
-    """Writes each predicted tile as ``<out_dir>/<id>.tif`` with its source tile's georeference (atomically)."""
+    """Writes each predicted tile atomically as ``<out_dir>/<id>.tif`` with its source's georeference."""
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
@@ -285,7 +289,9 @@ class _EpochLog(Callback):
                      trainer.max_epochs, float(loss))
 
 
-def _trainer(cfg: RefineConfig, stage_dir: Path | None, callbacks: list[Any], steps_per_epoch: int) -> L.Trainer:
+def _trainer(
+    cfg: RefineConfig, stage_dir: Path | None, callbacks: list[Any], steps_per_epoch: int
+) -> L.Trainer:
     return L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices,
         strategy="ddp" if cfg.num_devices > 1 else "auto",
@@ -357,7 +363,8 @@ class _Context:
         cfg = self.cfg
         values = {key: getattr(cfg, key) for key in FINGERPRINT_KEYS}
         values["datadir"] = str(Path(cfg.datadir).resolve())
-        values["pseudomasks"] = None if supervised or cfg.pseudomasks is None else str(Path(cfg.pseudomasks).resolve())
+        uses_pseudomasks = not supervised and cfg.pseudomasks is not None
+        values["pseudomasks"] = str(Path(str(cfg.pseudomasks)).resolve()) if uses_pseudomasks else None
         values["band_stats"] = self.band_stats
         values["widths"] = [int(w) for w in cfg.widths]
         return _plain(values)
@@ -403,7 +410,9 @@ def _fit(task: SegmentationTask, trainer: L.Trainer, loader: DataLoader) -> None
 def _predict_into(ctx: _Context, trainer: L.Trainer, writer: MaskFolderWriter, task: SegmentationTask,
                   folder: Path, eval_split: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _clear_masks(folder)
+    if _is_rank_zero():
+        _clear_masks(folder)
+    trainer.strategy.barrier()  # no rank writes before the old masks are gone
     writer.out_dir, writer.reader = folder, ctx.eval_reader if eval_split else ctx.train_reader
     trainer.predict(task, dataloaders=ctx.predict_loader(eval_split), return_predictions=False)
     trainer.strategy.barrier()  # every rank's masks are on disk before anyone reads or scores them
@@ -425,9 +434,10 @@ def _train_stage(ctx: _Context, stage_dir: Path, seed: int, targets: list[np.nda
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / DONE_FILE).unlink(missing_ok=True)  # a crash below must not leave an old marker
     L.seed_everything(seed, workers=True, verbose=False)
-    task = SegmentationTask(in_chans=ctx.channels, num_classes=ctx.num_classes, widths=list(cfg.widths), lr=cfg.lr)
-    train_tiles = TargetTiles(ctx.train_reader, targets, build_transform("train", ctx.tile_size, ctx.data_config),
-                              ctx.tile_size)
+    task = SegmentationTask(in_chans=ctx.channels, num_classes=ctx.num_classes, widths=list(cfg.widths),
+                            lr=cfg.lr)
+    transform = build_transform("train", ctx.tile_size, ctx.data_config)  # full-tile crop, flips, normalise
+    train_tiles = TargetTiles(ctx.train_reader, targets, transform, ctx.tile_size)
     loader = DataLoader(
         train_tiles, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
         drop_last=len(train_tiles) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
@@ -488,8 +498,8 @@ def _check_reusable(ctx: _Context, stage_dir: Path, supervised: bool) -> dict[st
     if changed:
         details = "; ".join(f"{key}: {recorded.get(key)!r} then, {current[key]!r} now" for key in changed)
         raise ConfigError(
-            f"{stage_dir} was finished with other settings ({details}); choose a new output folder (--output) "
-            f"or delete {stage_dir} to redo it"
+            f"{stage_dir} was finished with other settings ({details}); choose a new output folder "
+            f"(--output) or delete {stage_dir} to redo it"
         )
     return done
 
@@ -562,8 +572,12 @@ def format_refine_table(summary: dict[str, Any]) -> str:
         body.append([name] + [_percent(train.get(k)) for k in ("miou", "oa", "aa")]
                     + [_percent(held_out.get(k)) for k in ("miou", "oa", "aa")])
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
-    lines = ["  ".join([line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])])
-             for line in [header, *body]]
+
+    def render(line: list[str]) -> str:
+        cells = [value.rjust(width) for value, width in zip(line[1:], widths[1:], strict=True)]
+        return "  ".join([line[0].ljust(widths[0]), *cells])
+
+    lines = [render(line) for line in [header, *body]]
     title = f"scores in % on the training tiles of {summary.get('split')!r} (pseudo-label quality)"
     if summary.get("eval_split"):
         title += f" and on {summary['eval_split']!r} (segmentation quality)"
@@ -572,7 +586,9 @@ def format_refine_table(summary: dict[str, Any]) -> str:
 
 def _validate(cfg: RefineConfig) -> None:
     if not cfg.supervised and not cfg.pseudomasks:
-        raise ConfigError("refinement needs a pseudomask folder (--pseudomasks), or --supervised for the upper bound")
+        raise ConfigError(
+            "refinement needs a pseudomask folder (--pseudomasks), or --supervised for the upper bound"
+        )
     checks = [("iterations", cfg.iterations, 0), ("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1),
               ("num_devices", cfg.num_devices, 1), ("num_workers", cfg.num_workers, 0)]
     for name, value, minimum in checks:
@@ -583,7 +599,9 @@ def _validate(cfg: RefineConfig) -> None:
     if not cfg.widths or any(int(w) <= 0 for w in cfg.widths):
         raise ConfigError(f"UNet widths must be positive integers, got {list(cfg.widths)} (--widths)")
     if cfg.normalization not in NORMALIZATION_MODES:
-        raise ConfigError(f"unknown normalization {cfg.normalization!r}; choose from {list(NORMALIZATION_MODES)}")
+        raise ConfigError(
+            f"unknown normalization {cfg.normalization!r}; choose from {list(NORMALIZATION_MODES)}"
+        )
     if cfg.band_stats is not None and len(cfg.band_stats) != 2:
         raise ConfigError("band_stats must be [mean per band, std per band]")
 
@@ -610,11 +628,14 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
     out = ctx.out
     if cfg.supervised and not ctx.has_gt:
         raise ConfigError(
-            f"split {cfg.split!r} of {cfg.datadir} has no ground-truth masks: the supervised upper bound needs them"
+            f"split {cfg.split!r} of {cfg.datadir} has no ground-truth masks: the supervised upper bound "
+            "needs them"
         )
-    targets = ([np.asarray(ctx.train_reader.read_mask(i), dtype=np.uint8) for i in range(len(ctx.train_reader.ids))]
-               if cfg.supervised else load_mask_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, cfg.split,
-                                                       ctx.tile_size))
+    if cfg.supervised:
+        reader = ctx.train_reader
+        targets = [np.asarray(reader.read_mask(i), dtype=np.uint8) for i in range(len(reader.ids))]
+    else:
+        targets = load_mask_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, cfg.split, ctx.tile_size)
     # Refuse a folder of other settings before writing anything into it.
     if cfg.supervised:
         _check_reusable(ctx, out / SUPERVISED_DIR, supervised=True)
@@ -629,9 +650,10 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
     if previous.get("split") != cfg.split:
         previous = {}
     summary: dict[str, Any] = {
-        "output_dir": str(out), "split": cfg.split, "eval_split": cfg.eval_split, "has_ground_truth": ctx.has_gt,
-        "eval_has_ground_truth": ctx.eval_has_gt, "iterations": previous.get("iterations", []),
-        "final_masks": previous.get("final_masks"), "supervised": previous.get("supervised"),
+        "output_dir": str(out), "split": cfg.split, "eval_split": cfg.eval_split,
+        "has_ground_truth": ctx.has_gt, "eval_has_ground_truth": ctx.eval_has_gt,
+        "iterations": previous.get("iterations", []), "final_masks": previous.get("final_masks"),
+        "supervised": previous.get("supervised"),
     }
     tiles = len(ctx.train_reader.ids)
     train_tables: dict[str, dict[str, Any]] = {}  # stage -> full scores, for the per-class tables
@@ -652,17 +674,19 @@ def refine(cfg: RefineConfig) -> dict[str, Any]:
         if done is None:
             done = _train_stage(ctx, stage_dir, cfg.seed + 1, targets, "supervised", supervised=True)
         scores = _read_json(stage_dir / SCORES_FILE)
-        summary["supervised"] = _entry("supervised", stage_dir / "masks", stage_dir / "eval_masks", scores, done,
-                                       resumed)
+        summary["supervised"] = _entry("supervised", stage_dir / "masks", stage_dir / "eval_masks", scores,
+                                       done, resumed)
         report("supervised", "supervised", summary["supervised"], scores)
     else:
         iter0 = out / "iter0"
         iter0.mkdir(parents=True, exist_ok=True)
-        scores0 = {"train_tiles": evaluate_folder(Path(str(cfg.pseudomasks)), ctx.train_reader, allow_extra=True)
-                   if ctx.has_gt else None, "eval_split": None}
+        pseudomasks = Path(str(cfg.pseudomasks))
+        # Masks of tiles outside the split may sit in the input folder (load_mask_folder ignores them too).
+        train0 = evaluate_folder(pseudomasks, ctx.train_reader, allow_extra=True) if ctx.has_gt else None
+        scores0 = {"train_tiles": train0, "eval_split": None}
         if _is_rank_zero():
             atomic_write_json(iter0 / SCORES_FILE, scores0)
-        entries = [_entry(0, Path(str(cfg.pseudomasks)), None, scores0, None, resumed=False)]
+        entries = [_entry(0, pseudomasks, None, scores0, None, resumed=False)]
         report(f"iteration 0/{cfg.iterations}", "iter0", entries[0], scores0)
         redo = False  # once a stage is retrained, every later one depends on new masks
         for i in range(1, cfg.iterations + 1):
