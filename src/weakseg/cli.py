@@ -43,9 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
     logging.getLogger("weakseg").setLevel(logging.WARNING if quiet else logging.INFO)
-    # Lightning's tips (worker counts, GPU availability) are noise for a CPU run of a small model.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # Lightning's tips (worker counts, GPU availability, cloud loggers) are noise for a CPU run of a small model.
+    # It sets its loggers to INFO when imported, so import it first and then quieten them.
+    import lightning  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is not georeferenced.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
