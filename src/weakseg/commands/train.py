@@ -191,6 +191,7 @@ def ensure_data(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training; returns the summary (also written to output_dir/summary.json)."""
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -252,6 +253,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         pass
     if cfg.lr_scheduler:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.precision.startswith("bf16") and not torch.cuda.is_available():
+        log.warning("--precision %s on CPU: torch's CPU bf16 attention backward is several times slower than "
+                    "fp32 (benchmarks/train_step.py --bf16); prefer 32-true here", cfg.precision)
     strategy = "ddp" if cfg.num_devices > 1 else "auto"
     trainer = L.Trainer(
         max_epochs=cfg.num_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
