@@ -198,7 +198,11 @@ def write_figures(out: Path, data: Path, ckpt: dict[str, Path], mask_dirs: dict[
     fig_dir.mkdir(parents=True, exist_ok=True)
     reader = open_dataset("dfc2020", data, "validation")
     # Tiles with 2+ classes are the interesting ones; take the first few, deterministically.
-    picks = [i for i in range(len(reader)) if len(np.unique(reader.read_mask(i)[reader.read_mask(i) != 255])) >= 2]
+    def num_classes_in(i: int) -> int:
+        mask = reader.read_mask(i)
+        return len(np.unique(mask[mask != 255]))
+
+    picks = [i for i in range(len(reader)) if num_classes_in(i) >= 2]
     picks = (picks or list(range(len(reader))))[: cfg.figure_tiles]
     last_iter = refined["iterations"][-1]
     columns = {"ground truth": None, "Grad-CAM": mask_dirs["Grad-CAM"],

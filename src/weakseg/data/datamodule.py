@@ -115,16 +115,6 @@ class WeakSegDataModule(L.LightningDataModule):
             self.data_config["band_stats"] = compute_band_stats(reader)
             log.info("band statistics computed on %d tiles of split %r", len(reader), self.train_split)
 
-    @property
-    def num_channels(self) -> int:
-        reader = open_dataset(self.dataset_kind, self.datadir, self.train_split, modality=self.modality)
-        return int(reader.read_image(0).shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        reader = open_dataset(self.dataset_kind, self.datadir, self.train_split, modality=self.modality)
-        return len(reader.class_names)
-
     def setup(self, stage: str | None = None) -> None:
         self.prepare_stats()
         if stage in (None, "fit", "validate"):
