@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 
 import weakseg
 from weakseg.errors import ConfigError
+from weakseg.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -72,17 +73,13 @@ def to_plain(obj: Any) -> Any:
         return [to_plain(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
     return obj
 
 
 def save_resolved(config: Any, out_dir: str | Path, name: str = "config.yaml", **extra: Any) -> Path:
     """Write the resolved configuration (plus version, commit and ``extra``) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = {"weakseg_version": weakseg.__version__, "git_commit": git_commit(), **to_plain(extra),
             "config": to_plain(config)}
-    path = out_dir / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(out_dir) / name, yaml.safe_dump(data, sort_keys=False))

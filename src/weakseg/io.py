@@ -1,42 +1,69 @@
-"""Atomic file writing: outputs are either complete or absent, never half-written."""
+"""Atomic file writing: outputs are either complete or absent, never half-written.
+
+Every writer in weakseg (masks, manifests, scores, configs, figures, synthetic tiles) goes through
+:func:`atomic_path`: it hands out a hidden temporary name in the target's folder (same file system, so the final
+``os.replace`` is atomic; the process id keeps DDP ranks apart) and moves it into place only when the write
+succeeded. A crash or kill leaves at most a ``.<name>.<pid>.tmp`` file, which no reader picks up.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from weakseg.errors import WeaksegError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path``, on failure it is removed.
+
+    Raises:
+        WeaksegError: the folder cannot be created or the file cannot be written (the message names it).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WeaksegError(f"cannot write {path}: {e}") from e
+    finally:
+        with suppress(OSError):  # nothing to clean when the folder itself could not be made
+            tmp.unlink(missing_ok=True)
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """JSON with NaN/inf written as null (strict JSON readers reject NaN)."""
-    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=_default) + "\n")
+    """Indented strict JSON: NaN/inf become null, numpy values and paths are converted."""
+    return atomic_write_text(path, json.dumps(to_json_compatible(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _finite(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if hasattr(o, "tolist"):
-        return _finite(o.tolist())
-    return o
-
-
-def _default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def to_json_compatible(obj: Any) -> Any:
+    """Numpy values -> Python, non-finite floats -> None, paths -> str, tuples -> lists."""
+    if isinstance(obj, Mapping):
+        return {str(key): to_json_compatible(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_compatible(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_compatible(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

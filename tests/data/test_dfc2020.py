@@ -130,3 +130,14 @@ def test_synthetic_data_is_read_by_the_same_reader(tiny_dfc):
     sample = train[0]
     assert sample["image"].shape == (15, 32, 32)
     assert 1 <= sample["label"].sum() <= 4
+
+
+def test_plot_draws_true_colour_mask_and_prediction(real_dfc, tmp_path):
+    from PIL import Image
+
+    ds = DFC2020Dataset(real_dfc, "validation", "s2")
+    sample = ds[0]
+    sample["prediction"] = np.zeros((256, 256), np.uint8)
+    path = ds.plot(sample, tmp_path / "p0.png")
+    with Image.open(path) as im:
+        assert im.size[0] > im.size[1] > 100  # one row: true colour | ground truth | prediction

@@ -19,7 +19,6 @@ from weakseg.evaluation.compare import (
     evaluate_folder,
     list_prediction_masks,
     read_prediction_mask,
-    write_json_atomic,
 )
 from weakseg.evaluation.metrics import ConfusionMatrix, compute_scores
 
@@ -257,17 +256,6 @@ def test_different_tile_sets_warn(tif_dir: Path, tmp_path: Path, ground_truth: F
     results = compare_folders({"full": tif_dir, "partial": partial}, ground_truth, allow_missing=True)
     assert results["partial"]["tiles_evaluated"] == 1
     assert any("not directly comparable" in w for w in results["full"]["warnings"])
-
-
-def test_write_json_atomic(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "scores.json"
-    write_json_atomic(path, {"x": float("nan"), "n": np.int64(3), "a": np.arange(2), "p": tmp_path})
-    assert json.loads(path.read_text()) == {"x": None, "n": 3, "a": [0, 1], "p": str(tmp_path)}
-    assert not (tmp_path / "sub" / "scores.json.tmp").exists()
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file, not a folder")
-    with pytest.raises(DataError, match=r"cannot write .*blocker"):
-        write_json_atomic(blocker / "scores.json", {})
 
 
 # --- the ``weakseg evaluate`` command ---

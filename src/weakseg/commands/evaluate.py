@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from weakseg.errors import ConfigError
-from weakseg.evaluation.compare import compare_folders, write_json_atomic
+from weakseg.evaluation.compare import compare_folders
+from weakseg.io import atomic_write_json
 from weakseg.evaluation.metrics import format_scores_table
 
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_scores_table(results))
 
     output = Path(args.output) if args.output is not None else folders[0].resolve().parent / "scores.json"
-    write_json_atomic(
+    atomic_write_json(
         output,
         {
             "dataset": args.dataset,

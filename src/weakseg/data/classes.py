@@ -57,8 +57,3 @@ def remap_dfc(dfc: np.ndarray) -> np.ndarray:
     out[valid] = DFC_TO_TRAIN_ID[dfc[valid].astype(np.int64)]
     return out
 
-
-def hex_to_rgb(color: str) -> tuple[int, int, int]:
-    """'#rrggbb' -> (r, g, b) in 0..255."""
-    color = color.lstrip("#")
-    return int(color[0:2], 16), int(color[2:4], 16), int(color[4:6], 16)

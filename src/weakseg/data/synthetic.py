@@ -67,7 +67,6 @@ seed gives byte-identical files, and changing a split's tile count does not chan
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +79,7 @@ from scipy import ndimage
 
 from weakseg.data.classes import DFC_CLASS_NAMES, NUM_DFC_CLASSES, S1_BANDS, S2_BANDS, TRAIN_ID_TO_DFC
 from weakseg.errors import ConfigError, DataError
+from weakseg.io import atomic_path, atomic_write_json
 
 #: Bump whenever the same parameters would produce other files; stored in the metadata, compared on re-runs.
 GENERATOR_VERSION = 1
@@ -270,8 +270,8 @@ def generate_synthetic_dfc2020(
 
     Idempotent: if ``root`` already holds a complete dataset written with the same parameters and generator
     version, nothing is rewritten and its stored summary is returned. An interrupted run (metadata marked
-    incomplete) or one with missing files is regenerated. Each file is written to ``<name>.tmp`` and moved
-    into place with ``os.replace``, so a reader never sees a half-written tile.
+    incomplete) or one with missing files is regenerated. Each file is written atomically
+    (:func:`weakseg.io.atomic_path`), so a reader never sees a half-written tile.
 
     Args:
         root: dataset folder; created if missing.
@@ -331,7 +331,7 @@ def generate_synthetic_dfc2020(
         elif existing.get("complete") and not overwrite and _all_files_exist(root, counts):
             return existing
 
-    _write_json(metadata_path, {**params, "complete": False})
+    atomic_write_json(metadata_path, {**params, "complete": False})
     _remove_stale_tiles(root, counts)
     summary: dict = {
         **params,
@@ -375,7 +375,7 @@ def generate_synthetic_dfc2020(
                 name: int(n) for name, n in zip(DFC_CLASS_NAMES, tiles_with_class, strict=True)
             },
         }
-    _write_json(metadata_path, summary)
+    atomic_write_json(metadata_path, summary)
     return summary
 
 
@@ -703,7 +703,6 @@ def _write_geotiff(
     interleave: str,
 ) -> None:
     """Write a (C, H, W) array as an uncompressed GeoTIFF (like the real files), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
     profile = {
         "driver": "GTiff",
         "dtype": array.dtype.name,
@@ -714,18 +713,10 @@ def _write_geotiff(
         "transform": transform,
         "interleave": interleave,
     }
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(array)
         for band, name in enumerate(band_names, start=1):
             dst.set_band_description(band, name)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_metadata(path: Path) -> dict:
@@ -780,7 +771,8 @@ def _remove_stale_tiles(root: Path, counts: dict[str, int]) -> None:
         for sensor, folder in split_paths(root, split).items():
             if not folder.is_dir():
                 continue
-            pattern = re.compile(rf"ROIs0000_{split}_{sensor}_0_p(\d+)\.tif(\.tmp)?")
+            # Also temporary files of a killed run: ".<name>.<pid>.tmp" (weakseg.io.atomic_path).
+            pattern = re.compile(rf"\.?ROIs0000_{split}_{sensor}_0_p(\d+)\.tif(\.\d+\.tmp)?")
             for path in folder.iterdir():
                 match = pattern.fullmatch(path.name)
                 if match and (match.group(2) or int(match.group(1)) >= counts[split]):

@@ -21,10 +21,6 @@ the same pass; every check runs on every folder before any mask is read, so a mi
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -284,42 +280,3 @@ def compare_folders(
         (possible only with ``allow_missing``), every result carries a warning saying so.
     """
     return _evaluate_many(named_dirs, ground_truth, allow_missing, allow_extra)
-
-
-def _to_json_compatible(obj: Any) -> Any:
-    """Numpy values -> Python, non-finite floats -> None (JSON null), paths -> str, tuples -> lists."""
-    if isinstance(obj, Mapping):
-        return {str(key): _to_json_compatible(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_json_compatible(value) for value in obj]
-    if isinstance(obj, np.ndarray):
-        return _to_json_compatible(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through ``<name>.tmp`` and ``os.replace``.
-
-    A crash never leaves a half-written scores file. NaN and infinities are written as ``null`` (strict JSON);
-    numpy values and paths are converted. Missing parent folders are created.
-
-    Raises:
-        DataError: the file cannot be written (the message names it).
-    """
-    path = Path(path)
-    tmp_path = path.with_name(path.name + ".tmp")
-    text = json.dumps(_to_json_compatible(obj), indent=2, allow_nan=False) + "\n"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path.write_text(text, encoding="utf-8")
-        os.replace(tmp_path, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path}: {error}") from error

@@ -43,9 +43,9 @@ from weakseg.data import open_dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
 from weakseg.errors import ConfigError, DataError, WeaksegError
-from weakseg.io import atomic_write_json
+from weakseg.io import atomic_path, atomic_write_json
 from weakseg.methods.attention_clustering import attention_pseudomasks, head_maps_from_model, relabel_regions
-from weakseg.methods.common import PseudomaskResult, oracle_label_sets, predicted_label_sets
+from weakseg.methods.common import oracle_label_sets, predicted_label_sets
 from weakseg.methods.gradcam import gradcam_maps, gradcam_pseudomasks
 from weakseg.methods.top_class import top_class_pseudomasks
 from weakseg.tasks.classification import ClassificationTask, load_classifier
@@ -230,8 +230,7 @@ def write_mask_geotiff(path: Path, mask: np.ndarray, source: Path | None) -> Non
     """Single-band uint8 GeoTIFF (255 = unlabelled) with the source's CRS and transform when it has them."""
     profile: dict[str, Any] = dict(driver="GTiff", height=mask.shape[0], width=mask.shape[1], count=1,
                                    dtype="uint8", nodata=IGNORE_INDEX, compress="deflate")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain PNG/TIFF sources have no georeference
         if source is not None and source.suffix.lower() in (".tif", ".tiff"):
             with rasterio.open(source) as src:
@@ -239,7 +238,6 @@ def write_mask_geotiff(path: Path, mask: np.ndarray, source: Path | None) -> Non
                     profile.update(crs=src.crs, transform=src.transform)
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(mask[None])
-    os.replace(tmp, path)
 
 
 def read_manifest_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -360,12 +358,10 @@ def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, til
     if missing:
         raise WeaksegError(f"{len(missing)} tile(s) have no manifest row after the run: {missing[:5]}")
     ordered = [rows[t] for t in reader.ids]
-    tmp = out_dir / ".manifest.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_path(out_dir / "manifest.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(ordered)
-    os.replace(tmp, out_dir / "manifest.csv")
     status = Counter(r["status"] for r in ordered)
     reasons = Counter(r["reason"].split(";")[0] if r["status"] != "skipped" else "unreadable" for r in ordered)
     summary = {

@@ -54,7 +54,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from weakseg.config import save_resolved
+from weakseg.config import save_resolved, to_plain
 from weakseg.data import open_dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
@@ -367,24 +367,13 @@ class _Context:
         values["pseudomasks"] = str(Path(str(cfg.pseudomasks)).resolve()) if uses_pseudomasks else None
         values["band_stats"] = self.band_stats
         values["widths"] = [int(w) for w in cfg.widths]
-        return _plain(values)
+        return to_plain(values)
 
     def predict_loader(self, eval_split: bool) -> DataLoader:
         reader = self.eval_reader if eval_split else self.train_reader
         size = self.eval_tile_size if eval_split else self.tile_size
         tiles = TargetTiles(reader, None, build_transform("predict", size, self.data_config), size)
         return DataLoader(tiles, batch_size=2 * self.cfg.batch_size, num_workers=self.cfg.num_workers)
-
-
-def _plain(obj: Any) -> Any:
-    """Lists instead of tuples and floats instead of numpy scalars, so fingerprints compare after JSON."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _score_summary(scores: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ attention mass.
 
 Every figure is drawn on a :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``: no
 global figure registry that leaks memory in long runs and no change of the user's backend. Files are written
-atomically (``<name>.tmp`` in the same folder, then ``os.replace``), so a crash never leaves a truncated PNG,
+atomically (:func:`weakseg.io.atomic_path`), so a crash never leaves a truncated PNG,
 and every function returns the path it wrote. Figure sizes are fixed by ``panel_size`` (inches per panel) and
 ``dpi``, without ``bbox_inches="tight"``, so a PNG's pixel size is predictable: for example a pseudomask panel
 is ``(1 + len(columns)) * panel_size * dpi`` pixels wide.
@@ -29,6 +29,7 @@ from matplotlib.patches import Patch
 
 from weakseg.data.classes import DFC_CLASS_COLORS, IGNORE_INDEX, S2_BANDS, S2_RGB_INDICES
 from weakseg.errors import WeaksegError
+from weakseg.io import atomic_path
 
 #: Colour of ignored / unlabelled pixels (255) in colourised masks: dark grey, distinct from every DFC colour.
 IGNORE_COLOR: tuple[int, int, int] = (40, 40, 40)
@@ -173,15 +174,10 @@ def _new_figure(width: float, height: float, dpi: int) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG atomically: ``<name>.tmp`` in the same folder, then ``os.replace``."""
+    """Write ``fig`` as PNG atomically (:func:`weakseg.io.atomic_path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
