@@ -7,7 +7,8 @@ import rasterio
 import torch
 
 from weakseg.data import open_dataset
-from weakseg.data.dfc2020 import DFC2020Dataset, multi_hot_from_mask, remap_dfc
+from weakseg.data.base import multi_hot_from_mask
+from weakseg.data.dfc2020 import DFC2020Dataset, remap_dfc
 from weakseg.errors import DataError
 
 

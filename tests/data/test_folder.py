@@ -101,3 +101,17 @@ def test_bad_mask_values_and_sizes(tmp_path):
     Image.fromarray(np.zeros((8, 16), np.uint8)).save(root / "masks" / "tile_000.png")
     with pytest.raises(DataError, match="is 8x16 but .*tile_000.tif is 16x16"):
         FolderDataset(root)[0]
+
+
+def test_multimodal_flag_is_refused_not_ignored_and_cache_works(tmp_path):
+    from weakseg.errors import ConfigError
+
+    root = make_folder(tmp_path / "d")
+    with pytest.raises(ConfigError, match="--multimodal.*applies to DFC2020"):
+        open_dataset("folder", root, "all", modality="s1s2")
+    ds = open_dataset("folder", root, "all", cache=True)
+    first = ds.read_image(0)
+    (root / "images" / "tile_000.tif").unlink()
+    assert np.array_equal(ds.read_image(0), first)  # served from memory
+    ds[0]["image"].zero_()
+    assert first.any()  # samples are copies: changing one does not corrupt the cache

@@ -31,8 +31,6 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
     if kind == "folder":
         from weakseg.data.folder import FolderDataset
 
-        kwargs.pop("modality", None)
-        kwargs.pop("cache", None)
         return FolderDataset(root, split, **kwargs)
     raise DataError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
 

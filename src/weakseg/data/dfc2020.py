@@ -22,16 +22,15 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import rasterio
-import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, IGNORE_INDEX, remap_dfc
+from weakseg.data.base import TileDataset, Transform
+from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, remap_dfc
 from weakseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -78,23 +77,6 @@ def replace_nonfinite(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.where(finite, arr, 0.0).astype(arr.dtype)
 
 
-def multi_hot_from_mask(mask: torch.Tensor, num_classes: int, threshold: float = 0.10) -> torch.Tensor:
-    """Image-level labels by the >= 10 % rule (sparse-vit-wsss, citing arXiv 2104.00704).
-
-    Class c is present iff its pixel count divided by the **whole** crop area is >= ``threshold``; ignored
-    pixels (255) stay in the denominator and are never a label.
-
-    Args:
-        mask: (H, W) integer class ids, 255 = ignore.
-    Returns:
-        (num_classes,) float32 multi-hot.
-    """
-    flat = mask.reshape(-1).long()
-    valid = flat[flat != IGNORE_INDEX]
-    counts = torch.bincount(valid.clamp_max(num_classes), minlength=num_classes + 1)[:num_classes]
-    return (counts.float() / flat.numel() >= threshold).float()
-
-
 def find_split_root(root: Path, split: str) -> Path:
     """Locate the folder of ``split`` below ``root``.
 
@@ -126,23 +108,21 @@ def _sensor_folder_names(sensor: str, split: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class DFC2020Dataset(torch.utils.data.Dataset):
+class DFC2020Dataset(TileDataset):
     """DFC2020 tiles as dict samples ``{'image', 'mask', 'label', 'id'}``.
+
+    ``read_image`` gives 13 scaled S2 bands, then the 2 S1 bands for ``modality='s1s2'``; ``read_mask`` the
+    8-class ids with 255 = ignore (no data, Savanna, Snow/Ice).
 
     Args:
         root: folder that holds (possibly below wrapping folders) ``ROIs0000_<split>``.
         split: "validation" (986 tiles) or "test" (5,128 tiles), or another split folder name.
         modality: "s2" (13 channels) or "s1s2" (S2 then S1: 15 channels).
-        transform: callable on the sample dict (crop, augmentation, normalisation), applied before labels are
-            computed, so labels always describe the crop the model sees.
-        label_threshold: fraction of the crop a class must cover to be an image-level label.
-        cache: keep every tile read in memory (scaled float32), for small datasets read many times, such as
-            the built-in synthetic data (256 tiles of 64x64 x 15 bands: 63 MB).
+        transform, label_threshold, cache: see :class:`~weakseg.data.base.TileDataset`.
     """
 
     class_names = DFC_CLASS_NAMES
     class_colors = DFC_CLASS_COLORS
-    num_classes = len(DFC_CLASS_NAMES)
     has_masks = True
 
     def __init__(
@@ -150,18 +130,16 @@ class DFC2020Dataset(torch.utils.data.Dataset):
         root: str | Path,
         split: str = "validation",
         modality: Modality = "s2",
-        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         label_threshold: float = 0.10,
         cache: bool = False,
     ) -> None:
         if modality not in ("s2", "s1s2"):
             raise DataError(f"modality must be 's2' or 's1s2', got {modality!r}")
+        super().__init__(transform, label_threshold, cache)
         self.root = Path(root)
         self.split = split
         self.modality = modality
-        self.transform = transform
-        self.label_threshold = label_threshold
-        self._cache: dict[tuple[str, int], np.ndarray] | None = {} if cache else None
         self.split_root = find_split_root(self.root, split)
         self.s2_dir = self._sensor_dir("s2")
         self.dfc_dir = self._sensor_dir("dfc")
@@ -207,27 +185,12 @@ class DFC2020Dataset(torch.utils.data.Dataset):
         return path
 
     # ---- reading --------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._s2_files)
-
     def source_path(self, i: int) -> Path:
         """The S2 file of tile ``i``: outputs copy its georeference."""
         return self._s2_files[i]
 
-    def read_image(self, i: int) -> np.ndarray:
-        """Scaled image, float32 (C, H, W): 13 S2 bands, then the 2 S1 bands for ``modality='s1s2'``."""
-        return self._cached("image", i, self._read_image)
-
-    def read_mask(self, i: int) -> np.ndarray:
-        """8-class mask, uint8 (H, W), 255 = ignore (no data, Savanna, Snow/Ice)."""
-        return self._cached("mask", i, self._read_mask)
-
-    def _cached(self, kind: str, i: int, read: Callable[[int], np.ndarray]) -> np.ndarray:
-        if self._cache is None:
-            return read(i)
-        if (kind, i) not in self._cache:
-            self._cache[(kind, i)] = read(i)
-        return self._cache[(kind, i)]
+    def mask_path(self, i: int) -> Path:
+        return self._paired(self._s2_files[i], "dfc", self.dfc_dir)
 
     def _read_image(self, i: int) -> np.ndarray:
         s2_path = self._s2_files[i]
@@ -241,35 +204,4 @@ class DFC2020Dataset(torch.utils.data.Dataset):
         return np.concatenate([s2, s1], axis=0)
 
     def _read_mask(self, i: int) -> np.ndarray:
-        s2_path = self._s2_files[i]
-        dfc_path = self._paired(s2_path, "dfc", self.dfc_dir)
-        return remap_dfc(read_raster(dfc_path, 1)[0])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.read_image(i)
-        mask = self.read_mask(i)
-        if mask.shape != image.shape[1:]:
-            raise DataError(
-                f"{self._paired(self._s2_files[i], 'dfc', self.dfc_dir)} is {mask.shape[0]}x{mask.shape[1]} but "
-                f"the image {self._s2_files[i]} is {image.shape[1]}x{image.shape[2]}"
-            )
-        sample: dict[str, Any] = {
-            "image": torch.from_numpy(image.copy() if self._cache is not None else image),
-            "mask": torch.from_numpy(mask.astype(np.int64)),  # astype copies
-            "id": self.ids[i],
-            "index": i,
-        }
-        if self.transform is not None:
-            sample = self.transform(sample)
-        sample["label"] = multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold)
-        return sample
-
-    def plot(self, sample: dict[str, Any], path: str | Path) -> Path:
-        """Write true colour | mask (| prediction) for one sample as a PNG."""
-        from weakseg.viz.figures import plot_pseudomask_panel
-
-        masks = {"ground truth": sample["mask"].numpy().astype(np.uint8)}
-        if "prediction" in sample:
-            masks["prediction"] = np.asarray(sample["prediction"], dtype=np.uint8)
-        row = {"id": sample["id"], "image": sample["image"].numpy(), **masks}
-        return plot_pseudomask_panel([row], list(masks), self.class_names, self.class_colors, path)
+        return remap_dfc(read_raster(self.mask_path(i), 1)[0])

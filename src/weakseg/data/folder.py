@@ -19,7 +19,6 @@ and the masks are used for evaluation only. Pixel values: uint8 images are divid
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from weakseg.data.classes import IGNORE_INDEX
-from weakseg.data.dfc2020 import multi_hot_from_mask, read_raster, replace_nonfinite
-from weakseg.errors import DataError
+from weakseg.data.base import TileDataset, Transform
+from weakseg.data.dfc2020 import read_raster, replace_nonfinite
+from weakseg.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _DEFAULT_COLORS = (
@@ -62,8 +62,16 @@ def _index_folder(folder: Path) -> dict[str, Path]:
     return files
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """Images with image-level labels (CSV) and/or masks, as dict samples like :class:`DFC2020Dataset`."""
+class FolderDataset(TileDataset):
+    """Images with image-level labels (CSV) and/or masks, as dict samples like :class:`DFC2020Dataset`.
+
+    Args:
+        root: the dataset folder (layout in the module docstring).
+        split: "all" or the name of a list in ``splits/``.
+        modality: accepted for the common reader interface; only "s2" (meaning: the images as they are) is
+            valid, because a folder's images already carry all their bands.
+        transform, label_threshold, cache: see :class:`~weakseg.data.base.TileDataset`.
+    """
 
     has_masks: bool
 
@@ -71,17 +79,22 @@ class FolderDataset(torch.utils.data.Dataset):
         self,
         root: str | Path,
         split: str = "all",
-        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         label_threshold: float = 0.10,
+        modality: str = "s2",
+        cache: bool = False,
     ) -> None:
+        if modality != "s2":
+            raise ConfigError(
+                f"modality {modality!r} (--multimodal) applies to DFC2020; a folder dataset's images are used with "
+                "all their bands: stack S1 and S2 into one GeoTIFF per tile instead"
+            )
+        super().__init__(transform, label_threshold, cache)
         self.root = Path(root)
         self.split = split
-        self.transform = transform
-        self.label_threshold = label_threshold
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (--datadir)")
         self.class_names = self._read_classes()
-        self.num_classes = len(self.class_names)
         self.class_colors = tuple(_DEFAULT_COLORS[i % len(_DEFAULT_COLORS)] for i in range(self.num_classes))
         images_dir = self.root / "images"
         if not images_dir.is_dir():
@@ -165,13 +178,14 @@ class FolderDataset(torch.utils.data.Dataset):
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
     # ---- reading ----------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def source_path(self, i: int) -> Path:
         return self._images[i]
 
-    def read_image(self, i: int) -> np.ndarray:
+    def mask_path(self, i: int) -> Path:
+        assert self._masks is not None
+        return self._masks[i]
+
+    def _read_image(self, i: int) -> np.ndarray:
         path = self._images[i]
         arr = _read_any(path, self._bands)
         if self._bands is None:
@@ -184,10 +198,8 @@ class FolderDataset(torch.utils.data.Dataset):
             img = arr.astype(np.float32)
         return replace_nonfinite(img, path)
 
-    def read_mask(self, i: int) -> np.ndarray:
-        if self._masks is None:
-            raise DataError(f"{self.root} has no masks/ folder: nothing to evaluate against")
-        path = self._masks[i]
+    def _read_mask(self, i: int) -> np.ndarray:
+        path = self.mask_path(i)
         mask = _read_any(path, 1)[0]
         bad = (mask != IGNORE_INDEX) & (mask >= self.num_classes)
         if bad.any():
@@ -196,28 +208,8 @@ class FolderDataset(torch.utils.data.Dataset):
             )
         return mask.astype(np.uint8)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.read_image(i)
-        if self._masks is not None:
-            mask = self.read_mask(i)
-            if mask.shape != image.shape[1:]:
-                raise DataError(
-                    f"{self._masks[i]} is {mask.shape[0]}x{mask.shape[1]} but {self._images[i]} is "
-                    f"{image.shape[1]}x{image.shape[2]}"
-                )
-        else:
-            mask = np.full(image.shape[1:], IGNORE_INDEX, dtype=np.uint8)
-        sample: dict[str, Any] = {
-            "image": torch.from_numpy(image),
-            "mask": torch.from_numpy(mask.astype(np.int64)),
-            "id": self.ids[i],
-            "index": i,
-        }
-        if self.transform is not None:
-            sample = self.transform(sample)
+    def image_labels(self, i: int, sample: dict[str, Any]) -> torch.Tensor:
+        """labels.csv when present (whole-image labels, crops do not change them); else the >= 10 % rule."""
         if self._csv_labels is not None:
-            sample["label"] = torch.from_numpy(self._csv_labels[self.ids[i]].copy())
-        else:
-            sample["label"] = multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold)
-        return sample
-
+            return torch.from_numpy(self._csv_labels[self.ids[i]].copy())
+        return super().image_labels(i, sample)
