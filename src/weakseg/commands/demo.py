@@ -13,13 +13,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from weakseg.config import save_resolved
 from weakseg.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from weakseg.tasks.classification import ClassificationTask
 
 log = logging.getLogger("weakseg")
 
@@ -82,6 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from weakseg.evaluation.compare import evaluate_folder
     from weakseg.pseudolabels.generate import generate_pseudomasks
     from weakseg.pseudolabels.refine import RefineConfig, refine
+    from weakseg.tasks.classification import load_classifier
 
     t0 = time.time()
     out = Path(cfg.output_dir)
@@ -115,7 +119,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         generate_pseudomasks(ckpt[run_name], data, "validation", mask_dirs[label], method, progress=False)
 
     _step(f"UNet refinement of the pruned-attention masks ({cfg.iterations} iterations) and supervised UNet", t0)
-    vit_data_cfg = _data_config(ckpt["vit_pruned"])
+    pruned_task = load_classifier(ckpt["vit_pruned"])  # read once: data settings here, attention maps for figures
+    vit_data_cfg = dict(pruned_task.hparams["data_config"])
     common = dict(datadir=str(data), split="validation", eval_split="test", modality=vit_data_cfg["modality"],
                   normalization=vit_data_cfg["normalization"], band_stats=vit_data_cfg.get("band_stats"),
                   epochs=cfg.unet_epochs, seed=cfg.seed)
@@ -139,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print("\n" + table)
 
     _step("figures", t0)
-    figures = write_figures(out, data, ckpt, mask_dirs, refined, cfg)
+    figures = write_figures(out, data, pruned_task, mask_dirs, refined, cfg)
     results = {"table": table, "rows": rows, "classifiers": runs, "figures": [str(f) for f in figures],
                "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / "results.json", results)
@@ -147,12 +152,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"\nfigures: {', '.join(str(f) for f in figures)}")
     print(f"results: {out / 'results.json'}  (total {time.time() - t0:.0f}s)")
     return results
-
-
-def _data_config(ckpt: Path) -> dict[str, Any]:
-    from weakseg.tasks.classification import load_classifier
-
-    return dict(load_classifier(ckpt).hparams["data_config"])
 
 
 def _pct(v: Any) -> str:
@@ -184,14 +183,13 @@ def format_demo_table(rows: dict[str, dict[str, Any]], runs: dict[str, dict[str,
     return "\n".join(lines)
 
 
-def write_figures(out: Path, data: Path, ckpt: dict[str, Path], mask_dirs: dict[str, Path],
+def write_figures(out: Path, data: Path, task: ClassificationTask, mask_dirs: dict[str, Path],
                   refined: dict[str, Any], cfg: DemoConfig) -> list[Path]:
     """Pseudomask panel for a few tiles, attention grid of every head, gate map of the pruned model."""
     from weakseg.data import open_dataset
     from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES
     from weakseg.data.datamodule import build_transform
     from weakseg.evaluation.compare import read_prediction_mask
-    from weakseg.tasks.classification import load_classifier
     from weakseg.viz.figures import plot_attention_grid, plot_gate_map, plot_pseudomask_panel
 
     fig_dir = out / "figures"
@@ -219,7 +217,6 @@ def write_figures(out: Path, data: Path, ckpt: dict[str, Path], mask_dirs: dict[
     figures = [plot_pseudomask_panel(rows, list(columns), DFC_CLASS_NAMES, DFC_CLASS_COLORS,
                                      fig_dir / "pseudomasks.png", title="Pseudomasks on training tiles")]
 
-    task = load_classifier(ckpt["vit_pruned"])
     model = task.model.eval()
     transform = build_transform("predict", task.model_config.img_size, dict(task.hparams["data_config"]))
     reader_t = open_dataset("dfc2020", data, "validation", transform=transform)
