@@ -1,4 +1,7 @@
-"""Tests of the batched attention-clustering pseudomasks (sparse ViT paper, section 3) and shared helpers."""
+"""Tests of the batched attention-clustering pseudomasks (sparse ViT paper, section 3).
+
+The shared helpers (nearest fill, label sets, upsampling, PseudomaskResult) are tested in tests/masks.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,19 @@ import pytest
 import torch
 
 from weakseg.errors import ConfigError
+from weakseg.masks import oracle_label_sets, predicted_label_sets, upsample_maps
 from weakseg.methods.attention_clustering import (
+    AttentionClustering,
+    HeadClusters,
+    assign_by_rank,
+    assign_by_scores,
     attention_pseudomasks,
     bilinear_gram,
     head_maps_from_model,
     kmeans_gram,
+    paint_clusters,
     relabel_regions,
     two_means_1d,
-)
-from weakseg.methods.common import (
-    PseudomaskResult,
-    nearest_fill,
-    oracle_label_sets,
-    predicted_label_sets,
-    upsample_maps,
 )
 from weakseg.models.vit import build_vit
 
@@ -256,37 +258,6 @@ def test_two_means_is_the_exact_optimum() -> None:
     assert split.foreground_mean[4].item() == pytest.approx(0.3)
 
 
-# ---- nearest fill, label sets, result ----------------------------------------------------------------------
-def test_nearest_fill_matches_brute_force_distances() -> None:
-    rng = np.random.default_rng(0)
-    labels = np.where(rng.random((3, 9, 13)) < 0.15, rng.integers(0, 5, (3, 9, 13)), -1)
-    labels[:, 0, 0] = 2  # at least one assigned pixel per image
-    filled = nearest_fill(labels)
-    for b in range(3):
-        have = np.argwhere(labels[b] >= 0)
-        np.testing.assert_array_equal(filled[b][labels[b] >= 0], labels[b][labels[b] >= 0])
-        for y, x in np.argwhere(labels[b] < 0):
-            d = np.hypot(have[:, 0] - y, have[:, 1] - x)
-            nearest = {int(labels[b][tuple(p)]) for p in have[np.isclose(d, d.min())]}
-            assert filled[b, y, x] in nearest
-    with pytest.raises(ValueError, match="no assigned pixel"):
-        nearest_fill(np.full((1, 3, 3), -1))
-
-
-def test_predicted_labels_are_strictly_above_half() -> None:
-    probs = torch.tensor([[0.5, 0.5001, 0.2]])
-    np.testing.assert_array_equal(predicted_label_sets(probs).numpy(), [[False, True, False]])
-
-
-def test_result_concatenates_and_counts_reasons() -> None:
-    a = run(strong_weak_maps(), probs_with(c5=0.9, c2=0.7))
-    b = run(strong_weak_maps(), probs_with(c1=0.2))
-    joined = PseudomaskResult.concatenate([a, b])
-    assert joined.masks.shape == (2, 4, 4) and len(joined) == 2
-    assert joined.reason_counts() == {"clustered": 1, "no_label_above_threshold": 1}
-    assert joined.status_counts() == {"fallback": 1, "ok": 1}
-
-
 # ---- model glue and re-labelling ---------------------------------------------------------------------------
 def test_head_maps_from_model_follow_the_contract() -> None:
     torch.manual_seed(0)
@@ -317,3 +288,168 @@ def test_relabel_regions_uses_the_classifier_and_the_label_set() -> None:
     np.testing.assert_array_equal(restricted[0], np.array([[1, 1, 1, 1]] * 4))
     with pytest.raises(ValueError, match="do not match images"):
         relabel_regions(images, masks[:, :3], classify)
+
+
+# ---- cluster -> class assignment and painting --------------------------------------------------------------
+def hand_clusters(maps: list[list[float]], threshold: list[float], strength: list[float],
+                  found: list[bool] | None = None, real: list[bool] | None = None) -> HeadClusters:
+    """One image's clusters with (1, H=1, W) maps given row by row (low = maps; no heads)."""
+    m = torch.tensor(maps)[None, :, None, :]  # (1, kmax, 1, W)
+    kmax = m.shape[1]
+    real_t = torch.tensor([real if real is not None else [True] * kmax])
+    return HeadClusters(
+        low=m, maps=m, members=torch.zeros(1, 0, kmax), threshold=torch.tensor([threshold]),
+        found=torch.tensor([found if found is not None else [True] * kmax]),
+        strength=torch.tensor([strength]).masked_fill(~real_t, -torch.inf), real=real_t,
+    )
+
+
+def test_assign_by_scores_maximises_the_summed_score_not_greedily() -> None:
+    scores = torch.zeros(1, 3, 5)
+    scores[0, 0, [1, 3]] = torch.tensor([10.0, 9.0])  # greedy would give cluster 0 class 1 (total 11)
+    scores[0, 1, [1, 3]] = torch.tensor([8.0, 1.0])  # the optimum is 0 -> 3, 1 -> 1 (total 17)
+    scores[0, :, 0] = 100.0  # class 0 is not a label: never given
+    scores[0, 2] = 50.0  # padded cluster: never given a class
+    used = torch.tensor([[False, True, False, True, False]])
+    real = torch.tensor([[True, True, False]])
+    assert assign_by_scores(scores, used, real).tolist() == [[3, 1, -1]]
+
+
+def test_assign_by_scores_equals_brute_force_over_permutations() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 4, 6, generator=g)
+    used = torch.zeros(4, 6, dtype=torch.bool)
+    real = torch.zeros(4, 4, dtype=torch.bool)
+    for b, labels in enumerate([[0, 5], [1, 2, 4], [0, 1, 2, 3], [2, 3, 5]]):
+        used[b, labels] = True
+        real[b, : len(labels)] = True
+    out = assign_by_scores(scores, used, real)
+    for b in range(4):
+        labels = used[b].nonzero().flatten().tolist()
+        k = len(labels)
+        best = max(itertools.permutations(labels),
+                   key=lambda p, b=b: sum(scores[b, j, c] for j, c in enumerate(p)))
+        assert out[b, :k].tolist() == list(best)
+        assert (out[b, k:] == -1).all()
+
+
+def test_assign_by_rank_gives_the_strongest_cluster_the_most_probable_label() -> None:
+    clusters = hand_clusters([[1, 0], [0, 1], [0, 0]], [0.5, 0.5, 0.5], [0.6, 0.9, 5.0],
+                             real=[True, True, False])
+    probs = probs_with(c2=0.9, c5=0.7, c6=0.99)  # c6 is more probable but not used
+    used = torch.zeros(1, C, dtype=torch.bool)
+    used[0, [2, 5]] = True
+    assert assign_by_rank(clusters, probs, used).tolist() == [[5, 2, -1]]
+
+
+def test_paint_clusters_strongest_wins_and_reports_regions_and_confidence() -> None:
+    clusters = hand_clusters(
+        [[1.0, 0.8, 0.0, 0.0, 0.9], [0.0, 0.6, 1.0, 0.2, 0.0], [0.9, 0.9, 0.9, 0.9, 1.0],
+         [1.0, 1.0, 1.0, 1.0, 1.0]],
+        threshold=[0.5, 0.6, 0.0, float("inf")], strength=[0.9, 0.8, 0.95, 2.0],
+        found=[True, True, True, False], real=[True, True, False, True],
+    )
+    labels, regions, confidence = paint_clusters(clusters, torch.tensor([[4, 1, 7, 3]]))
+    # Pixel 1: both real clusters are above threshold, cluster 0 is stronger. Pixel 3: below cluster 1's.
+    # The padded cluster 2 and the split-less cluster 3 never paint, however strong.
+    np.testing.assert_array_equal(labels, [[[4, 4, 1, -1, 4]]])
+    np.testing.assert_array_equal(regions, [[[0, 0, 1, -1, 0]]])
+    # (v - threshold) / (max - threshold) of the painting cluster
+    np.testing.assert_allclose(confidence, [[[1.0, 0.6, 1.0, 0.0, 0.8]]], atol=1e-6)
+    assert labels.dtype == np.int16 and regions.dtype == np.int16 and confidence.dtype == np.float32
+
+
+def left_right_scorer(prefer: dict[str, int], calls: list | None = None):
+    """Cluster j scores its left-half mass for class ``prefer['left']``, its right half for ``'right'``."""
+
+    def score(clusters: HeadClusters, index: torch.Tensor) -> torch.Tensor:
+        if calls is not None:
+            calls.append(index.tolist())
+        low = clusters.low  # (Bc, kmax, h, w)
+        w = low.shape[-1]
+        scores = torch.zeros(*low.shape[:2], C)
+        scores[..., prefer["left"]] = low[..., : w // 2].sum(dim=(-2, -1))
+        scores[..., prefer["right"]] = low[..., w // 2 :].sum(dim=(-2, -1))
+        return scores
+
+    return score
+
+
+def test_a_scorer_overrides_the_rank_assignment_and_regions_are_returned() -> None:
+    probs = probs_with(c5=0.9, c2=0.7)
+    ranked = run(strong_weak_maps(), probs)
+    np.testing.assert_array_equal(ranked.masks[0], [[5, 5, 2, 2]] * 4)  # rank: strong (left) map -> c5
+    prefer_flipped = left_right_scorer({"left": 2, "right": 5})
+    flipped = run(strong_weak_maps(), probs, assign="gradcam", score_clusters=prefer_flipped)
+    np.testing.assert_array_equal(flipped.masks[0], [[2, 2, 5, 5]] * 4)
+    assert flipped.status == ["ok"] and flipped.reason == ["clustered"]
+    # regions: the painted clusters; region_class: their classes; the mask agrees wherever a region is.
+    assert flipped.regions.shape == (1, 4, 4) and flipped.region_class.shape == (1, 2)
+    assert sorted(flipped.region_class[0].tolist()) == [2, 5]
+    painted = flipped.regions[0] >= 0
+    assert painted.any()
+    region_of_pixel = flipped.regions[0][painted]
+    np.testing.assert_array_equal(flipped.masks[0][painted], flipped.region_class[0][region_of_pixel])
+    left_region = flipped.regions[0, 0, 0]
+    assert flipped.region_class[0, left_region] == 2
+    same = run(strong_weak_maps(), probs, assign="head_gradient",
+               score_clusters=left_right_scorer({"left": 5, "right": 2}))
+    np.testing.assert_array_equal(same.masks[0], ranked.masks[0])
+
+
+def test_the_scorer_sees_only_clustered_images_and_score_rules_need_one() -> None:
+    maps = strong_weak_maps().repeat(3, 1, 1, 1)
+    probs = torch.cat([probs_with(c4=0.8), probs_with(c5=0.9, c2=0.7), probs_with(c1=0.9, c3=0.6)])
+    calls: list = []
+    res = run(maps, probs, assign="gradcam", score_clusters=left_right_scorer({"left": 2, "right": 5}, calls))
+    assert calls == [[1, 2]]  # image 0 has a single label: nothing to assign
+    np.testing.assert_array_equal(res.region_class[0], [-1, -1])
+    assert (res.regions[0] == -1).all()
+    np.testing.assert_array_equal(res.masks[1], [[2, 2, 5, 5]] * 4)
+    with pytest.raises(ValueError, match="assign='gradcam' needs score_clusters"):
+        run(maps, probs, assign="gradcam")
+
+
+@pytest.mark.parametrize(
+    ("assign", "blocks", "expected"),
+    [("rank", "auto", "last"), ("head_gradient", "auto", "all"), ("gradcam", "auto", "all"),
+     ("relabel", "auto", "all"), ("rank", "0,-1", "0,-1"), ("gradcam", "last", "last")],
+)
+def test_blocks_spec_resolves_auto(assign: str, blocks: str, expected: str) -> None:
+    assert AttentionClustering(assign=assign, blocks=blocks).blocks_spec() == expected
+
+
+def test_head_maps_from_model_concatenate_the_requested_blocks() -> None:
+    torch.manual_seed(0)
+    model = build_vit(img_size=(16, 24), patch_size=8, in_chans=3, embed_dim=12, depth=2, num_heads=2,
+                      num_classes=3, num_cls_tokens=3, head_type="per_class", num_register_tokens=1).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.gate.log_alpha.copy_(torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1))
+        model.blocks[1].attn.gate.log_alpha.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
+    images = torch.randn(2, 3, 16, 24)
+    head_maps, kept, probs = head_maps_from_model(model, images, blocks=[0, 1])
+    assert head_maps.shape == (2, 4, 2, 3)
+    assert kept.tolist() == [False, True, True, True]
+    out = model.forward_features(images, attention_blocks=[0, 1])
+    for j, b in enumerate([0, 1]):
+        expected = out.attentions[b][:, :, :3, 4:].mean(dim=2).reshape(2, 2, 2, 3)  # mean of the 3 class rows
+        torch.testing.assert_close(head_maps[:, 2 * j : 2 * j + 2], expected)
+    torch.testing.assert_close(probs, model(images).sigmoid())
+    last, kept_last, _ = head_maps_from_model(model, images)  # default: the last block only
+    torch.testing.assert_close(last, head_maps[:, 2:])
+    assert kept_last.tolist() == [True, True]
+
+
+@pytest.mark.parametrize("assign", ["rank", "head_gradient", "gradcam", "relabel"])
+def test_attention_method_on_a_model_places_distinct_used_labels(assign: str) -> None:
+    torch.manual_seed(0)
+    model = build_vit(img_size=(16, 16), patch_size=8, in_chans=3, embed_dim=12, depth=2, num_heads=2,
+                      num_classes=3, gate_init=1.0).eval()
+    images = torch.randn(2, 3, 16, 16)
+    probs = torch.tensor([[0.9, 0.2, 0.7], [0.6, 0.8, 0.1]])
+    method = AttentionClustering(assign=assign)
+    res = method.pseudomasks(model, images, probs, probs > 0.5, (16, 16))
+    assert res.masks.shape == (2, 16, 16) and res.reason == ["clustered"] * 2
+    for b, labels in enumerate([[0, 2], [0, 1]]):
+        assert sorted(res.region_class[b].tolist()) == labels  # two clusters, a distinct label each
+        assert set(np.unique(res.masks[b])) <= set(labels)

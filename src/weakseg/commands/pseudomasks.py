@@ -1,17 +1,35 @@
 """``weakseg pseudomasks``: stage 2, one label image per tile from a trained classifier.
 
-Methods: ``attention`` (the sparse ViT paper: clustered CLS attention of the last block's kept heads; on a model
-trained without ``--prune`` this is the "attention without pruning" baseline), ``gradcam`` (Grad-CAM on the same
-ViT) and ``top_class`` (the floor: every pixel = the top predicted class). ``--oracle`` uses the ground-truth image
-labels instead of the predicted ones. Output: ``<output>/<id>.tif`` (uint8, GeoTIFF with the input's georeference),
-``manifest.csv`` (one row per tile), ``summary.json`` and ``run.json``. Re-running resumes.
+Methods (``--method``, see ``weakseg.methods``): ``attention`` (the sparse ViT paper: k-means of the kept heads'
+attention, clusters given classes by ``--assign``; ``--assign rank`` is the paper's rule), ``class_attention``
+(class token c's attention is the map of class c; needs ``weakseg train --arch class_tokens``), ``gradcam``
+(Grad-CAM on the same ViT) and ``top_class`` (the floor: every pixel = the top predicted class). ``--oracle`` uses
+the ground-truth image labels instead of the predicted ones. Output: ``<output>/<id>.tif`` (uint8, GeoTIFF with
+the input's georeference), ``<output>/confidence/<id>.tif`` (per-pixel confidence x 255), ``manifest.csv`` (one row
+per tile), ``summary.json`` and ``run.json``. Re-running resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
+
+from weakseg.errors import ConfigError
+from weakseg.methods import METHODS
+
+
+def _method_option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method option, once: flag name -> (a field defining it, the methods that take it)."""
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls.Options):
+            if f.name in fields:
+                fields[f.name][1].append(name)
+            else:
+                fields[f.name] = (f, [name])
+    return fields
 
 
 def add_parser(subparsers: Any) -> None:
@@ -19,14 +37,21 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_checkpoint", type=Path, required=True, help="classifier checkpoint (weakseg train)")
     p.add_argument("--datadir", type=Path, required=True, help="dataset root")
-    p.add_argument("--split", default="validation", help="split to pseudo-label (default: validation, the training split)")
+    p.add_argument("--split", default="validation",
+                   help="split to pseudo-label (default: validation, the DFC2020 training split; "
+                        "'validation:train' / 'validation:holdout' name its two parts)")
     p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: the one the model was trained on)")
-    p.add_argument("--method", choices=["attention", "gradcam", "top_class"], default="attention")
+    p.add_argument("--method", choices=sorted(METHODS), default="attention",
+                   help="; ".join(f"{n}: {c.summary}" for n, c in sorted(METHODS.items())))
     p.add_argument("--oracle", action="store_true", help="use ground-truth image labels instead of predictions")
     p.add_argument("--relabel", action="store_true",
                    help="re-label each region by the classifier (paper step 8), restricted to the image's labels")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
-    p.add_argument("--seed", type=int, default=24, help="k-means++ seed (the original's random_state)")
+    g = p.add_argument_group("method options (each applies to the methods named in its help)")
+    for flag, (f, users) in _method_option_fields().items():
+        typ = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(str(f.type), str)
+        g.add_argument(f"--{flag}", type=typ, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                       help=f"[{', '.join(users)}] {f.metadata.get('help', '')}")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks and the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace the masks of another run in --output")
     p.add_argument("--batch_size", type=int, default=16)
@@ -38,18 +63,29 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
+def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given as flags; an option of another method is an error, not silently ignored."""
+    given: dict[str, Any] = {}
+    for flag, (_, users) in _method_option_fields().items():
+        if flag in args:
+            if args.method not in users:
+                raise ConfigError(f"--{flag} applies to --method {' / '.join(users)}, not to --method {args.method}")
+            given[flag] = getattr(args, flag)
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from weakseg.data import open_dataset
     from weakseg.evaluation.compare import evaluate_folder
     from weakseg.evaluation.metrics import format_scores_table
     from weakseg.io import atomic_write_json
-    from weakseg.pseudolabels.generate import generate_pseudomasks, print_summary
+    from weakseg.pipeline.pseudomasks import generate_pseudomasks, print_summary
 
     summary = generate_pseudomasks(
-        args.model_checkpoint, args.datadir, args.split, args.output, args.method, dataset=args.dataset,
-        oracle=args.oracle, relabel=args.relabel, threshold=args.threshold, seed=args.seed,
-        batch_size=args.batch_size, num_workers=args.num_workers, num_devices=args.num_devices,
-        accelerator=args.accelerator, overwrite=args.overwrite,
+        args.model_checkpoint, args.datadir, args.split, args.output, args.method,
+        method_options=method_options_from_args(args), dataset=args.dataset, oracle=args.oracle,
+        relabel=args.relabel, threshold=args.threshold, batch_size=args.batch_size, num_workers=args.num_workers,
+        num_devices=args.num_devices, accelerator=args.accelerator, overwrite=args.overwrite,
     )
     if not summary:  # a non-zero DDP rank
         return 0

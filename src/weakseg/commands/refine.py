@@ -7,10 +7,12 @@ for a few epochs, twice. Example (after ``weakseg pseudomasks --output runs/pm``
         --model_checkpoint runs/train/checkpoints/best.ckpt
 
 ``--model_checkpoint`` takes the classifier's input settings (dataset, modality, normalisation, band
-statistics) so the UNet sees the inputs the ViT saw; flags given explicitly win. ``--supervised`` trains the
-same UNet on the ground-truth masks instead (the fully supervised upper bound) into ``<output>/supervised``.
-Outputs: ``<output>/iter{i}/masks/<id>.tif`` (the refined pseudomasks), ``eval_masks/``, ``scores.json`` per
-iteration and ``summary.json``. Re-running skips finished iterations.
+statistics) so the UNet sees the inputs the ViT saw; flags given explicitly win. ``--min_confidence`` makes
+the loss ignore target pixels whose confidence (``<pseudomasks>/confidence/<id>.tif``, then each iteration's
+own softmax probability) is below it. ``--supervised`` trains the same UNet on the ground-truth masks instead
+(the fully supervised upper bound) into ``<output>/supervised``. Outputs: ``<output>/iter{i}/masks/<id>.tif``
+(the refined pseudomasks) with ``masks/confidence/``, ``eval_masks/``, ``scores.json`` per iteration and
+``summary.json``. Re-running skips finished iterations.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from typing import Any
 
 from weakseg.config import explicit_args, load_yaml, resolve
 from weakseg.errors import ConfigError
+from weakseg.pipeline.refine import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_CONFIDENCE,
+    LR_SCHEDULES,
+    RefineConfig,
+    refine,
+)
 
 #: Keys of a classifier's ``data_config`` that the refinement reuses.
 CHECKPOINT_DATA_KEYS = ("dataset", "modality", "normalization", "band_stats")
@@ -49,9 +60,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--multimodal", action=bool_flag, help="Sentinel-1 + Sentinel-2 inputs (15 channels)")
     p.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
     p.add_argument("--iterations", type=int, help="refinement iterations after iteration 0 (default 2)")
-    p.add_argument("--epochs", type=int, help="training epochs per iteration (default 10)")
+    p.add_argument("--epochs", type=int, help=f"training epochs per iteration (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch_size", type=int, help="training batch per device (default 16)")
-    p.add_argument("--learning_rate", type=float, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--learning_rate", type=float, help=f"AdamW learning rate (default {DEFAULT_LR:g})")
+    p.add_argument("--lr_schedule", choices=list(LR_SCHEDULES),
+                   help=f"learning rate over each iteration: cosine decay to 0 or constant "
+                        f"(default {DEFAULT_LR_SCHEDULE})")
+    p.add_argument("--min_confidence", type=float,
+                   help="in [0, 1]: target pixels whose confidence is below it are ignored by the loss, in "
+                        "every iteration (iteration 1 reads <pseudomasks>/confidence/; a folder without it "
+                        f"counts every pixel as confident) (default {DEFAULT_MIN_CONFIDENCE:g}: keep all)")
     p.add_argument("--widths", type=int, nargs="+", help="UNet stage widths (default 16 32 64 128)")
     p.add_argument("--seed", type=int, help="iteration i uses seed + i (default 0)")
     p.add_argument("--augment", action=bool_flag, help="joint random flips and 90-degree rotations (on)")
@@ -77,10 +95,8 @@ def checkpoint_data_settings(path: Path) -> dict[str, Any]:
     return settings
 
 
-def resolve_refine_config(args: argparse.Namespace) -> Any:
+def resolve_refine_config(args: argparse.Namespace) -> RefineConfig:
     """Defaults < classifier checkpoint < ``--config`` YAML < explicit flags."""
-    from weakseg.pseudolabels.refine import RefineConfig
-
     flags = explicit_args(args, exclude=("config", "model_checkpoint", "multimodal"))
     flags = {_FLAG_TO_FIELD.get(key, key): value for key, value in flags.items()}
     if "multimodal" in args:
@@ -103,7 +119,5 @@ def resolve_refine_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weakseg.pseudolabels.refine import refine
-
     refine(resolve_refine_config(args))
     return 0

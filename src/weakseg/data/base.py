@@ -74,6 +74,17 @@ class TileDataset(torch.utils.data.Dataset):
     def mask_path(self, i: int) -> Path:
         raise NotImplementedError
 
+    def _restrict_files(self, indices: list[int]) -> None:
+        """Keep the per-tile file lists of ``indices`` only (in that order)."""
+        raise NotImplementedError
+
+    def restrict(self, indices: list[int]) -> None:
+        """Keep only the tiles ``indices`` (a part of the split, :mod:`weakseg.data.splits`); before any read."""
+        if self._cache:
+            raise RuntimeError("restrict() must be called before tiles are read into the cache")
+        self.ids = [self.ids[i] for i in indices]
+        self._restrict_files(indices)
+
     # ---- shared ---------------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:

@@ -184,6 +184,9 @@ class DFC2020Dataset(TileDataset):
             raise DataError(f"{path} is missing (the {sensor} file paired with {s2_path})")
         return path
 
+    def _restrict_files(self, indices: list[int]) -> None:
+        self._s2_files = [self._s2_files[i] for i in indices]
+
     # ---- reading --------------------------------------------------------------------------------------
     def source_path(self, i: int) -> Path:
         """The S2 file of tile ``i``: outputs copy its georeference."""

@@ -177,6 +177,11 @@ class FolderDataset(TileDataset):
             raise DataError(f"split {self.split!r} not found: no {path}; available: {['all', *have]}")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
+    def _restrict_files(self, indices: list[int]) -> None:
+        self._images = [self._images[i] for i in indices]
+        if self._masks is not None:
+            self._masks = [self._masks[i] for i in indices]
+
     # ---- reading ----------------------------------------------------------------------------------------
     def source_path(self, i: int) -> Path:
         return self._images[i]

@@ -36,15 +36,19 @@ How this implementation differs from the released per-image code, and why:
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from weakseg.methods.common import (
+from weakseg.masks.labels import check_label_inputs, sort_labels_by_probability, top_class
+from weakseg.masks.result import (
     REASON_NO_LABEL,
     REASON_NOTHING_PAINTED,
     REASON_SINGLE_LABEL,
@@ -52,14 +56,14 @@ from weakseg.methods.common import (
     STATUS_OK,
     UNASSIGNED,
     PseudomaskResult,
-    check_label_inputs,
     check_out_size,
     constant_masks,
     nearest_fill,
-    sort_labels_by_probability,
-    top_class,
-    upsample_maps,
 )
+from weakseg.masks.rules import upsample_maps
+from weakseg.methods.base import PseudomaskMethod, option, parse_blocks
+from weakseg.methods.gradcam import gradcam_maps
+from weakseg.methods.relevance import head_relevance
 from weakseg.models.vit import GatedViT
 
 REASON_CLUSTERED = "clustered"
@@ -73,25 +77,34 @@ _TWO_MEANS_CHUNK_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
-def head_maps_from_model(model: GatedViT, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def head_maps_from_model(
+    model: GatedViT, images: Tensor, blocks: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run the classifier once in eval mode and return what :func:`attention_pseudomasks` needs.
 
     Eval mode makes the head gates deterministic (a head is kept iff its ``log_alpha > 0``); the previous mode
-    is restored afterwards.
+    is restored afterwards. With several class tokens (``--arch class_tokens``) a head's map is the mean of the
+    class tokens' rows.
+
+    Args:
+        model: the classifier.
+        images: (B, C_in, H, W) model inputs.
+        blocks: blocks whose heads take part (default: the last block, as the paper).
 
     Returns:
-        head_maps: (B, heads, h, w) CLS->patch attention of the last block (pruned heads are all zero).
-        kept: (heads,) bool, the last block's kept heads.
+        head_maps: (B, L * heads, h, w) class-token -> patch attention of the L blocks' heads, block by block
+            (pruned heads are all zero).
+        kept: (L * heads,) bool, the kept heads.
         probs: (B, C) sigmoid class probabilities.
     """
     was_training = model.training
     model.eval()
+    blocks = [model.cfg.depth - 1] if blocks is None else list(blocks)
     try:
-        out = model.forward_features(images, attention_blocks=[-1])
-        last = max(out.attentions)
-        head_maps = out.cls_to_patch_attention(last)  # (B, heads, h, w)
+        out = model.forward_features(images, attention_blocks=blocks)
+        head_maps = torch.cat([out.class_token_attention(b).mean(dim=2) for b in blocks], dim=1)  # (B, L*H, h, w)
         probs = model.forward_head(out).sigmoid()  # (B, C)
-        kept = model.head_mask()[last].to(images.device)  # (heads,)
+        kept = model.head_mask()[blocks].flatten().to(images.device)  # (L*H,)
     finally:
         model.train(was_training)
     return head_maps, kept, probs
@@ -307,6 +320,131 @@ def two_means_1d(values: Tensor) -> TwoMeans:
     return TwoMeans(torch.cat(thresholds), torch.cat(means), torch.cat(found))
 
 
+#: Label-free rules that give each head cluster a class (the first is the paper's).
+ASSIGN_RULES: tuple[str, ...] = ("rank", "head_gradient", "gradcam", "relabel")
+
+
+@dataclass
+class HeadClusters:
+    """Head clusters of the images with k >= 2 (Bc images, kmax = the largest k, padded clusters not ``real``).
+
+    Attributes:
+        low: (Bc, kmax, h, w) cluster mean maps of the max-normalised heads, on the patch grid.
+        maps: (Bc, kmax, H, W) the same upsampled to the masks' size.
+        members: (Bc, K, kmax) float one-hot membership of the K kept heads.
+        threshold: (Bc, kmax) foreground = ``maps >= threshold`` (exact 1-D 2-means); +inf without a split.
+        found: (Bc, kmax) bool, a foreground/background split exists (False for a constant map).
+        strength: (Bc, kmax) mean foreground value (-inf for padded clusters): the paper's ranking key.
+        real: (Bc, kmax) bool, cluster j < k of its image.
+    """
+
+    low: Tensor
+    maps: Tensor
+    members: Tensor
+    threshold: Tensor
+    found: Tensor
+    strength: Tensor
+    real: Tensor
+
+
+#: Computes (Bc, kmax, C) scores of every cluster for every class, given the clusters and the batch indices of
+#: their images; higher = the cluster looks more like the class.
+ClusterScorer = Callable[[HeadClusters, Tensor], Tensor]
+
+
+def cluster_heads(
+    maps: Tensor, k: Tensor, out_size: tuple[int, int], *, seed: int = 24, n_init: int = 10, max_iter: int = 100
+) -> HeadClusters:
+    """Steps 3-5 of the paper for images with k >= 2: max-normalise, k-means the heads, 2-means each cluster map.
+
+    Args:
+        maps: (Bc, K, h, w) maps of the kept heads.
+        k: (Bc,) clusters per image, each in [2, K].
+        out_size: (H, W) of the masks.
+    """
+    Bc, K = maps.shape[:2]
+    maps = maps.float()
+    peak = maps.amax(dim=(-2, -1), keepdim=True)  # (Bc, K, 1, 1)
+    maps = maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)  # max-normalised; an all-zero map stays zero
+
+    gram = bilinear_gram(maps, out_size)  # (Bc, K, K) on the CPU
+    assign, _ = kmeans_gram(gram, k.cpu(), n_init=n_init, max_iter=max_iter, seed=seed)  # (Bc, K)
+    kmax = int(k.max())
+    members = F.one_hot(assign, kmax).to(maps.device, maps.dtype)  # (Bc, K, kmax)
+    weights = members / members.sum(dim=1, keepdim=True).clamp_min(1)
+    cluster_low = torch.einsum("bkj,bkhw->bjhw", weights, maps)  # (Bc, kmax, h, w); commutes with resizing
+    cluster_maps = upsample_maps(cluster_low, out_size)  # (Bc, kmax, H, W)
+
+    split = two_means_1d(cluster_maps.flatten(2).flatten(0, 1))
+    real = torch.arange(kmax, device=maps.device) < k.to(maps.device)[:, None]  # (Bc, kmax)
+    return HeadClusters(
+        low=cluster_low,
+        maps=cluster_maps,
+        members=members,
+        threshold=split.threshold.view(Bc, kmax).to(cluster_maps.dtype),
+        found=split.split_found.view(Bc, kmax),
+        strength=split.foreground_mean.view(Bc, kmax).masked_fill(~real, -torch.inf),
+        real=real,
+    )
+
+
+def assign_by_rank(clusters: HeadClusters, probs: Tensor, used: Tensor) -> Tensor:
+    """The paper's step 6: the i-th strongest cluster gets the i-th most probable label, (Bc, kmax) (-1 = padded)."""
+    kmax = clusters.real.shape[1]
+    order = torch.sort(clusters.strength, dim=1, descending=True, stable=True).indices  # (Bc, kmax) cluster ids
+    classes = sort_labels_by_probability(probs, used)[:, :kmax]  # (Bc, kmax)
+    cluster_class = torch.empty_like(order).scatter_(1, order, classes)  # (Bc, kmax)
+    return cluster_class.masked_fill(~clusters.real, -1)
+
+
+def assign_by_scores(scores: Tensor, used: Tensor, real: Tensor) -> Tensor:
+    """Each real cluster gets a distinct used label maximising the summed scores (Hungarian), (Bc, kmax).
+
+    Args:
+        scores: (Bc, kmax, C) cluster-class scores.
+        used: (Bc, C) bool, the labels to place (as many as the image's real clusters).
+        real: (Bc, kmax) bool.
+    """
+    scores_np = scores.detach().to("cpu", torch.float64).numpy()
+    out = np.full(real.shape, -1, dtype=np.int64)
+    for b in range(scores_np.shape[0]):
+        rows = np.flatnonzero(real[b].cpu().numpy())
+        cols = np.flatnonzero(used[b].cpu().numpy())
+        r, c = linear_sum_assignment(scores_np[b][np.ix_(rows, cols)], maximize=True)
+        out[b, rows[r]] = cols[c]
+    return torch.from_numpy(out).to(real.device)
+
+
+def paint_clusters(clusters: HeadClusters, cluster_class: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's painting: weakest foreground first, so the strongest cluster wins overlaps.
+
+    Returns (Bc, H, W) arrays on the CPU: labels int16 (-1 = unpainted), regions int16 (the painting cluster, -1
+    = none) and confidence float32 (how far above its threshold the painting cluster's map is, relative to its
+    maximum; 0 where unpainted).
+    """
+    kmax = clusters.real.shape[1]
+    order = torch.sort(clusters.strength, dim=1, descending=True, stable=True).indices  # strongest first
+    ranks = torch.arange(kmax, device=order.device).expand_as(order)
+    cluster_rank = torch.empty_like(order).scatter_(1, order, ranks)  # (Bc, kmax), 0 = strongest
+    paintable = clusters.real & clusters.found
+    priority = torch.where(paintable, kmax - cluster_rank, 0).to(torch.uint8)  # (Bc, kmax)
+    threshold = clusters.threshold[..., None, None]
+    foreground = clusters.maps >= threshold  # (Bc, kmax, H, W)
+    score = foreground.to(torch.uint8) * priority[..., None, None]  # (Bc, kmax, H, W)
+    best_score, best_cluster = score.max(dim=1)  # (Bc, H, W)
+    painted = best_score > 0
+    labels = cluster_class.clamp_min(0).gather(1, best_cluster.flatten(1)).view_as(best_cluster)
+    peak = clusters.maps.amax(dim=(-2, -1), keepdim=True)
+    above = ((clusters.maps - threshold) / (peak - threshold).clamp_min(1e-12)).clamp(0, 1)  # (Bc, kmax, H, W)
+    confidence = above.gather(1, best_cluster[:, None]).squeeze(1)
+    cpu = {"device": "cpu"}
+    return (
+        torch.where(painted, labels, UNASSIGNED).to(torch.int16).to(**cpu).numpy(),
+        torch.where(painted, best_cluster, UNASSIGNED).to(torch.int16).to(**cpu).numpy(),
+        torch.where(painted, confidence, 0.0).to(torch.float32).to(**cpu).numpy(),
+    )
+
+
 def attention_pseudomasks(
     head_maps: Tensor,
     kept: Tensor,
@@ -317,6 +455,8 @@ def attention_pseudomasks(
     seed: int = 24,
     n_init: int = 10,
     max_iter: int = 100,
+    assign: str = "rank",
+    score_clusters: ClusterScorer | None = None,
 ) -> PseudomaskResult:
     """Pseudomasks of a batch by clustering the kept heads' attention (the sparse ViT paper, section 3).
 
@@ -329,12 +469,16 @@ def attention_pseudomasks(
       ``fewer_heads_than_labels`` (K = 1 degenerates to the top label everywhere, with the same reason).
     - otherwise k = n; ``ok``, ``clustered``.
     - a cluster whose mean map is constant has no foreground: its class is not painted and
-      ``empty_foreground:<class>`` is appended (it still takes part in the rank matching with its constant
-      value as strength). If no cluster paints anything: the most probable label everywhere, ``fallback``,
-      ``nothing_painted`` appended.
+      ``empty_foreground:<class>`` is appended (it still takes part in the matching). If no cluster paints
+      anything: the most probable label everywhere, ``fallback``, ``nothing_painted`` appended.
+
+    Clusters get classes by ``assign``: ``"rank"`` (the paper: strongest foreground <-> most probable label) or,
+    for any other rule, the Hungarian assignment on the scores of ``score_clusters``. Painting does not depend on
+    the rule: weakest foreground first, so the strongest cluster wins overlaps. Confidence: see
+    :func:`paint_clusters` (0 for filled pixels; images with one label: 1).
 
     Args:
-        head_maps: (B, heads, h, w) CLS->patch attention of the last block.
+        head_maps: (B, heads, h, w) class-token -> patch attention of the heads.
         kept: (heads,) bool, heads that survived pruning.
         probs: (B, C) class probabilities (rank matching and fallbacks).
         label_sets: (B, C) bool labels to place: predicted (``probs > 0.5``) or oracle (ground truth).
@@ -342,15 +486,20 @@ def attention_pseudomasks(
         seed: k-means++ seed.
         n_init: k-means restarts.
         max_iter: most Lloyd iterations per restart.
+        assign: ``"rank"`` or the name of a score-based rule (then ``score_clusters`` is required).
+        score_clusters: (clusters, batch indices) -> (Bc, kmax, C) scores.
 
     Returns:
-        A :class:`PseudomaskResult` with (B, H, W) uint8 masks.
+        A :class:`PseudomaskResult` with (B, H, W) uint8 masks, confidence, and the painted clusters as
+        ``regions`` with their classes in ``region_class``.
     """
     if head_maps.ndim != 4:
         raise ValueError(f"head_maps must be (B, heads, h, w), got {tuple(head_maps.shape)}")
     B, num_heads = head_maps.shape[:2]
     if kept.shape != (num_heads,):
         raise ValueError(f"kept must be ({num_heads},) for {num_heads} heads, got {tuple(kept.shape)}")
+    if assign != "rank" and score_clusters is None:
+        raise ValueError(f"assign={assign!r} needs score_clusters")
     check_label_inputs(probs, label_sets, B)
     H, W = check_out_size(out_size)
     device = head_maps.device
@@ -368,6 +517,10 @@ def attention_pseudomasks(
     first = top_class(probs, label_sets)  # (B,): most probable label, or class when there is none
     used[n_labels == 0] = F.one_hot(first[n_labels == 0], probs.shape[1]).bool()
     masks = constant_masks(first, (H, W))  # (B, H, W); overwritten for clustered images
+    confidence = np.zeros((B, H, W), dtype=np.float32)
+    regions = np.full((B, H, W), UNASSIGNED, dtype=np.int16)
+    kmax_all = max(2, int(k.max()) if B else 2)
+    region_class = np.full((B, kmax_all), -1, dtype=np.int64)
 
     status, reason, clustered = [], [], []
     for b, (n, kb) in enumerate(zip(n_labels.tolist(), k.tolist(), strict=True)):
@@ -375,6 +528,7 @@ def attention_pseudomasks(
             rule = (STATUS_FALLBACK, REASON_NO_LABEL)
         elif n == 1:
             rule = (STATUS_OK, REASON_SINGLE_LABEL)
+            confidence[b] = 1.0
         elif num_kept == 0:
             rule = (STATUS_FALLBACK, REASON_NO_HEADS)
         elif kb < n:
@@ -390,73 +544,30 @@ def attention_pseudomasks(
 
     if clustered:
         index = torch.tensor(clustered, device=device)
-        painted, empty_classes = _cluster_and_paint(
-            head_maps[index][:, kept], probs[index], used[index], k[index], (H, W), seed, n_init, max_iter
-        )
+        clusters = cluster_heads(head_maps[index][:, kept], k[index], (H, W), seed=seed, n_init=n_init,
+                                 max_iter=max_iter)
+        if assign == "rank":
+            cluster_class = assign_by_rank(clusters, probs[index], used[index])
+        else:
+            scores = score_clusters(clusters, index)  # type: ignore[misc]
+            cluster_class = assign_by_scores(scores, used[index], clusters.real)
+        painted, painted_regions, painted_conf = paint_clusters(clusters, cluster_class)
         has_paint = (painted >= 0).reshape(len(clustered), -1).any(axis=1)  # (Bc,)
-        filled = nearest_fill(painted[has_paint])
-        masks[np.asarray(clustered)[has_paint]] = filled.astype(np.uint8)
+        rows = np.asarray(clustered)
+        masks[rows[has_paint]] = nearest_fill(painted[has_paint]).astype(np.uint8)
+        confidence[rows[has_paint]] = painted_conf[has_paint]
+        regions[rows] = painted_regions
+        cc = cluster_class.cpu().numpy()
+        region_class[rows, : cc.shape[1]] = cc
+        empty = (clusters.real & ~clusters.found).cpu()
         for i, b in enumerate(clustered):
-            tokens = [f"{REASON_EMPTY_FOREGROUND}:{c}" for c in empty_classes[i]]
+            tokens = [f"{REASON_EMPTY_FOREGROUND}:{c}" for c in sorted(cc[i][empty[i].numpy()].tolist())]
             if not has_paint[i]:
                 tokens.append(REASON_NOTHING_PAINTED)
                 status[b] = STATUS_FALLBACK
             reason[b] = ";".join([reason[b], *tokens])
 
-    return PseudomaskResult(masks, status, reason, used.cpu().numpy())
-
-
-def _cluster_and_paint(
-    maps: Tensor,
-    probs: Tensor,
-    used: Tensor,
-    k: Tensor,
-    out_size: tuple[int, int],
-    seed: int,
-    n_init: int,
-    max_iter: int,
-) -> tuple[np.ndarray, list[list[int]]]:
-    """Steps 3-6 for images with k >= 2: returns painted labels (Bc, H, W) int16 (-1 = unpainted) on the CPU
-    and, per image, the classes whose cluster had no foreground."""
-    Bc, K = maps.shape[:2]
-    maps = maps.float()
-    peak = maps.amax(dim=(-2, -1), keepdim=True)  # (Bc, K, 1, 1)
-    maps = maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)  # max-normalised; an all-zero map stays zero
-
-    gram = bilinear_gram(maps, out_size)  # (Bc, K, K) on the CPU
-    assign, _ = kmeans_gram(gram, k.cpu(), n_init=n_init, max_iter=max_iter, seed=seed)  # (Bc, K)
-    kmax = int(k.max())
-    members = F.one_hot(assign, kmax).to(maps.device, maps.dtype)  # (Bc, K, kmax)
-    members = members / members.sum(dim=1, keepdim=True).clamp_min(1)
-    cluster_low = torch.einsum("bkj,bkhw->bjhw", members, maps)  # (Bc, kmax, h, w); commutes with resizing
-    cluster_maps = upsample_maps(cluster_low, out_size)  # (Bc, kmax, H, W)
-
-    split = two_means_1d(cluster_maps.flatten(2).flatten(0, 1))
-    threshold = split.threshold.view(Bc, kmax).to(cluster_maps.dtype)  # (Bc, kmax)
-    found = split.split_found.view(Bc, kmax)  # (Bc, kmax)
-    real = torch.arange(kmax, device=maps.device) < k.to(maps.device)[:, None]  # (Bc, kmax)
-    strength = split.foreground_mean.view(Bc, kmax).masked_fill(~real, -torch.inf)  # (Bc, kmax)
-
-    # Rank matching: the i-th strongest map gets the i-th most probable label.
-    order = torch.sort(strength, dim=1, descending=True, stable=True).indices  # (Bc, kmax) cluster ids
-    classes = sort_labels_by_probability(probs, used)[:, :kmax]  # (Bc, kmax)
-    cluster_class = torch.empty_like(order).scatter_(1, order, classes)  # (Bc, kmax)
-    ranks = torch.arange(kmax, device=maps.device).expand(Bc, kmax)
-    cluster_rank = torch.empty_like(order).scatter_(1, order, ranks)  # (Bc, kmax), 0 = strongest
-
-    # Painting weakest first == every pixel takes the covering map of best rank.
-    paintable = real & found
-    priority = torch.where(paintable, kmax - cluster_rank, 0).to(torch.uint8)  # (Bc, kmax)
-    foreground = cluster_maps >= threshold[..., None, None]  # (Bc, kmax, H, W)
-    score = foreground.to(torch.uint8) * priority[..., None, None]  # (Bc, kmax, H, W)
-    best_score, best_cluster = score.max(dim=1)  # (Bc, H, W)
-    labels = cluster_class.gather(1, best_cluster.flatten(1)).view_as(best_cluster)  # (Bc, H, W)
-    labels = torch.where(best_score > 0, labels, UNASSIGNED)
-
-    empty = (real & ~found).cpu()
-    cluster_class = cluster_class.cpu()
-    empty_classes = [sorted(cluster_class[i][empty[i]].tolist()) for i in range(Bc)]
-    return labels.to("cpu", torch.int16).numpy(), empty_classes
+    return PseudomaskResult(masks, status, reason, used.cpu().numpy(), confidence, regions, region_class)
 
 
 @torch.no_grad()
@@ -510,3 +621,91 @@ def relabel_regions(
         new_class[image_ids, class_ids] = scores.argmax(dim=1)
     relabelled = new_class.gather(1, mask_t.flatten(1)).view_as(mask_t)
     return relabelled.to("cpu", torch.uint8).numpy()
+
+
+# ---- label-free cluster -> class scores -----------------------------------------------------------------------
+def cosine_scores(cluster_low: Tensor, class_maps: Tensor) -> Tensor:
+    """Cosine similarity of every cluster map with every class map on the patch grid, (Bc, kmax, C)."""
+    a = F.normalize(cluster_low.flatten(2).float(), dim=-1)  # (Bc, kmax, h*w)
+    b = F.normalize(class_maps.flatten(2).float(), dim=-1)  # (Bc, C, h*w)
+    return a @ b.transpose(1, 2)
+
+
+@torch.no_grad()
+def region_logits(model: GatedViT, images: Tensor, regions: Tensor, chunk_size: int = 64) -> Tensor:
+    """The classifier's logits for each image with everything outside a region set to 0, (Bc, kmax, C).
+
+    Args:
+        images: (Bc, C_in, H, W) model inputs.
+        regions: (Bc, kmax, H, W) bool regions at the input's size.
+    """
+    Bc, kmax = regions.shape[:2]
+    inputs = torch.where(regions[:, :, None], images[:, None], torch.zeros((), device=images.device))
+    flat = inputs.flatten(0, 1)  # (Bc * kmax, C_in, H, W)
+    logits = torch.cat([model(part) for part in flat.split(chunk_size)])
+    return logits.view(Bc, kmax, -1)
+
+
+@dataclasses.dataclass
+class AttentionClusteringOptions:
+    """Settings of :class:`AttentionClustering`."""
+
+    assign: str = option("head_gradient", "how head clusters get their classes: rank (the paper: strongest cluster "
+                         "<-> most probable label), head_gradient (each head's gradient x output for each class), "
+                         "gradcam (cosine with each label's Grad-CAM), relabel (the classifier on each cluster's "
+                         "region); all but rank use the Hungarian assignment", ASSIGN_RULES)
+    blocks: str = option("auto", "blocks whose kept heads are clustered: auto (the last block with --assign rank, as "
+                                 "the paper; all blocks with the other rules), last, all, or a comma list")
+    seed: int = option(24, "k-means++ seed (the original's random_state)")
+
+
+class AttentionClustering(PseudomaskMethod):
+    """The sparse ViT paper's clustered attention of kept heads, with a label-free assignment rule."""
+
+    name = "attention"
+    summary = "k-means of the kept heads' class-token attention, clusters -> labels (Hanna et al., CVPRW 2023)"
+    needs_grad = True
+    Options: ClassVar[type] = AttentionClusteringOptions
+
+    def pseudomasks(
+        self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
+    ) -> PseudomaskResult:
+        blocks = parse_blocks(self.blocks_spec(), model.cfg.depth)
+        head_maps, kept, _ = head_maps_from_model(model, images, blocks)
+        return attention_pseudomasks(
+            head_maps, kept, probs, label_sets, out_size, seed=self.options.seed, assign=self.options.assign,
+            score_clusters=self._scorer(model, images, label_sets, blocks, kept),
+        )
+
+    def blocks_spec(self) -> str:
+        """``--blocks`` with ``auto`` resolved: the paper's last block for the rank rule, all blocks otherwise."""
+        if self.options.blocks != "auto":
+            return self.options.blocks
+        return "last" if self.options.assign == "rank" else "all"
+
+    def _scorer(
+        self, model: GatedViT, images: Tensor, label_sets: Tensor, blocks: list[int], kept: Tensor
+    ) -> ClusterScorer | None:
+        rule = self.options.assign
+        if rule == "rank":
+            return None
+        if rule == "head_gradient":
+            relevance = head_relevance(model, images, blocks, label_sets).flatten(1, 2)  # (B, L*heads, C)
+            relevance = relevance[:, kept.to(relevance.device)]  # (B, K, C): the kept heads, as clustered
+
+            def by_heads(clusters: HeadClusters, index: Tensor) -> Tensor:
+                weights = clusters.members / clusters.members.sum(dim=1, keepdim=True).clamp_min(1)  # (Bc, K, kmax)
+                return torch.einsum("bkj,bkc->bjc", weights, relevance[index].to(weights.dtype))
+
+            return by_heads
+        if rule == "gradcam":
+            cams = gradcam_maps(model, images, label_sets)  # (B, C, h, w)
+            return lambda clusters, index: cosine_scores(clusters.low, cams[index])
+
+        def by_classifier(clusters: HeadClusters, index: Tensor) -> Tensor:
+            size = tuple(images.shape[-2:])
+            maps = upsample_maps(clusters.low, size)  # (Bc, kmax, H_in, W_in)
+            regions = maps >= clusters.threshold[..., None, None]
+            return region_logits(model, images[index], regions)
+
+        return by_classifier

@@ -15,31 +15,18 @@ design below is the project default (``sparse_vit.md`` section 4):
   statistics), so ``d (sum_b logit_b,c) / d A_b = d logit_b,c / d A_b``. One backward per class over the whole
   batch replaces one per image and class.
 - Masks: CAMs are upsampled bilinearly, max-normalised per class, and each pixel takes the arg-max over the
-  image's labels; pixels where every label's CAM is 0 take the nearest labelled pixel's class. n = 0 and n = 1
-  labels follow the attention method (:mod:`weakseg.methods.attention_clustering`).
+  image's labels; pixels where every label's CAM is 0 take the nearest labelled pixel's class (the shared rule
+  of :mod:`weakseg.masks.rules`; n = 0 and n = 1 labels: :func:`weakseg.masks.result.label_set_rules`).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from weakseg.methods.common import (
-    REASON_NO_LABEL,
-    REASON_NOTHING_PAINTED,
-    REASON_SINGLE_LABEL,
-    STATUS_FALLBACK,
-    STATUS_OK,
-    UNASSIGNED,
-    PseudomaskResult,
-    check_label_inputs,
-    check_out_size,
-    constant_masks,
-    nearest_fill,
-    top_class,
-    upsample_maps,
-)
+from weakseg.masks.result import PseudomaskResult
+from weakseg.masks.rules import class_maps_to_masks
+from weakseg.methods.base import ClassMapMethod
 from weakseg.models.vit import GatedViT
 
 REASON_CAM = "cam_argmax"
@@ -112,60 +99,29 @@ def gradcam_pseudomasks(
 ) -> PseudomaskResult:
     """Pseudomasks from Grad-CAMs: per pixel the arg-max of the max-normalised CAMs over the image's labels.
 
-    Rules per image (n = size of its label set):
-
-    - n = 0: whole image = the most probable class; ``fallback``, ``no_label_above_threshold``.
-    - n = 1: whole image = that class; ``ok``, ``single_label``.
-    - otherwise ``ok``, ``cam_argmax``; a label whose CAM is zero everywhere gets no pixel
-      (``empty_cam:<class>`` appended); pixels where all labels' CAMs are 0 take the nearest labelled pixel's
-      class; if every CAM is zero, the most probable label everywhere, ``fallback``, ``nothing_painted``
-      appended.
+    The shared arg-max rule of :mod:`weakseg.masks.rules` with max normalisation: n = 0 and n = 1 labels as
+    every method; a label whose CAM is zero everywhere gets no pixel (``empty_cam:<class>``); pixels where all
+    labels' CAMs are 0 take the nearest labelled pixel's class; if every CAM is zero, the most probable label
+    everywhere (``fallback``, ``nothing_painted``). Confidence = margin between the best and second-best label.
 
     Args:
         cams: (B, C, h, w) non-negative CAMs (:func:`gradcam_maps`).
         probs: (B, C) class probabilities (fallbacks).
         label_sets: (B, C) bool labels, predicted or oracle.
         out_size: (H, W) of the masks.
-
-    Returns:
-        A :class:`PseudomaskResult` with (B, H, W) uint8 masks.
     """
-    if cams.ndim != 4:
-        raise ValueError(f"cams must be (B, C, h, w), got {tuple(cams.shape)}")
-    B, C = cams.shape[:2]
-    check_label_inputs(probs, label_sets, B)
-    if probs.shape[1] != C:
-        raise ValueError(f"cams have {C} classes but probs have {probs.shape[1]}")
-    H, W = check_out_size(out_size)
-    device = cams.device
-    probs = probs.detach().to(device, torch.float32)
-    label_sets = label_sets.to(device)
-    n_labels = label_sets.sum(dim=1).tolist()
-    first = top_class(probs, label_sets)  # (B,)
-    masks = constant_masks(first, (H, W))  # (B, H, W); overwritten for CAM images
-    used = label_sets.clone()
-    no_label = torch.tensor([n == 0 for n in n_labels], device=device)
-    used[no_label] = torch.nn.functional.one_hot(first[no_label], C).bool()
+    return class_maps_to_masks(cams, probs, label_sets, out_size, rule="argmax", normalize="max",
+                               multi_reason=REASON_CAM, empty_reason=REASON_EMPTY_CAM)
 
-    status = [STATUS_FALLBACK if n == 0 else STATUS_OK for n in n_labels]
-    reason = [REASON_NO_LABEL if n == 0 else REASON_SINGLE_LABEL if n == 1 else REASON_CAM for n in n_labels]
-    multi = [b for b, n in enumerate(n_labels) if n >= 2]
-    if multi:
-        index = torch.tensor(multi, device=device)
-        maps = upsample_maps(cams[index].detach().float(), (H, W))  # (Bm, C, H, W)
-        peak = maps.amax(dim=(-2, -1), keepdim=True)  # (Bm, C, 1, 1)
-        maps = maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)
-        labels_m = label_sets[index]  # (Bm, C)
-        maps = maps.masked_fill(~labels_m[:, :, None, None], -1.0)  # non-labels never win
-        best_value, best_class = maps.max(dim=1)  # (Bm, H, W)
-        painted = torch.where(best_value > 0, best_class, UNASSIGNED).to("cpu", torch.int16).numpy()
-        has_paint = (painted >= 0).reshape(len(multi), -1).any(axis=1)  # (Bm,)
-        masks[np.asarray(multi)[has_paint]] = nearest_fill(painted[has_paint]).astype(np.uint8)
-        empty = (labels_m & (peak.flatten(1) <= 0)).cpu()  # (Bm, C)
-        for i, b in enumerate(multi):
-            tokens = [f"{REASON_EMPTY_CAM}:{c}" for c in empty[i].nonzero().flatten().tolist()]
-            if not has_paint[i]:
-                tokens.append(REASON_NOTHING_PAINTED)
-                status[b] = STATUS_FALLBACK
-            reason[b] = ";".join([reason[b], *tokens])
-    return PseudomaskResult(masks, status, reason, used.cpu().numpy())
+
+class GradCAM(ClassMapMethod):
+    """Grad-CAM on the classifier's last block (module docstring); the baseline of every comparison."""
+
+    name = "gradcam"
+    summary = "Grad-CAM of each label on the last block's input tokens (the baseline)"
+    needs_grad = True
+    multi_reason = REASON_CAM
+    empty_reason = REASON_EMPTY_CAM
+
+    def class_maps(self, model: GatedViT, images: Tensor, label_sets: Tensor) -> Tensor:
+        return gradcam_maps(model, images, label_sets)

@@ -7,17 +7,14 @@ land-cover class often dominates, so the floor is far from zero and reporting it
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from weakseg.methods.common import (
-    STATUS_OK,
-    PseudomaskResult,
-    check_label_inputs,
-    check_out_size,
-    constant_masks,
-    top_class,
-)
+from weakseg.masks.labels import check_label_inputs, top_class
+from weakseg.masks.result import STATUS_OK, PseudomaskResult, check_out_size, constant_masks
+from weakseg.methods.base import PseudomaskMethod
+from weakseg.models.vit import GatedViT
 
 REASON_TOP_CLASS = "top_class"
 
@@ -29,6 +26,8 @@ def top_class_pseudomasks(
 
     Restricting to the label set only matters in oracle mode, where the ground-truth labels may exclude the
     classifier's favourite; with predicted labels (``probs > 0.5``) the top class is already in the set.
+    Confidence is 1 on images with exactly one label (the mask is then right wherever the label is) and 0
+    elsewhere (the top class is a guess for the other labels' pixels).
 
     Args:
         probs: (B, C) class probabilities.
@@ -47,6 +46,20 @@ def top_class_pseudomasks(
     first = top_class(probs, label_sets)  # (B,)
     used = torch.nn.functional.one_hot(first, probs.shape[1]).bool()  # (B, C)
     B = probs.shape[0]
+    single = (label_sets.sum(dim=1) == 1).cpu().numpy() if label_sets is not None else np.zeros(B, dtype=bool)
+    confidence = np.broadcast_to(single[:, None, None], (B, H, W)).astype(np.float32)
     return PseudomaskResult(
-        constant_masks(first, (H, W)), [STATUS_OK] * B, [REASON_TOP_CLASS] * B, used.cpu().numpy()
+        constant_masks(first, (H, W)), [STATUS_OK] * B, [REASON_TOP_CLASS] * B, used.cpu().numpy(), confidence
     )
+
+
+class TopClass(PseudomaskMethod):
+    """Every pixel = the most probable label (the floor)."""
+
+    name = "top_class"
+    summary = "the floor: every pixel takes the image's most probable label"
+
+    def pseudomasks(
+        self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
+    ) -> PseudomaskResult:
+        return top_class_pseudomasks(probs, out_size, label_sets)

@@ -37,6 +37,9 @@ from weakseg.errors import ConfigError
 from weakseg.models.hard_concrete import HardConcreteGate, l0_penalty
 
 AttentionImpl = Literal["fused", "explicit"]
+#: How class-token outputs become logits (see :class:`ViTConfig`).
+HeadType = Literal["pooled", "per_class", "flatten"]
+HEAD_TYPES: tuple[str, ...] = ("pooled", "per_class", "flatten")
 
 
 @dataclass
@@ -52,8 +55,17 @@ class ViTConfig:
             ``"sum"``: separate S2 and S1 patch embeddings whose tokens are summed (the sparse ViT paper's MViT).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
         num_classes: outputs of the multi-label head.
-        num_cls_tokens: class tokens (WeakTr and TokenMasking-WSSS use one per class); the head pools their mean.
-        num_register_tokens: extra learned prefix tokens (Darcet et al., "Vision Transformers Need Registers").
+        num_cls_tokens: class tokens (WeakTr and TokenMasking-WSSS use one per class).
+        num_register_tokens: extra learned prefix tokens (Darcet et al., "Vision Transformers Need Registers";
+            TokenMasking-WSSS uses one).
+        head_type: how the class-token outputs ``z`` (B, T, D) become the logits (B, C).
+            ``"pooled"``: ``Linear(D, C)`` of their mean (one CLS token: the standard ViT head).
+            ``"per_class"``: ``logit_c = <w_c, z_c> + b_c`` with T = C: class c's logit sees only class token c, so
+            token c is *the* evidence for class c and its attention is a map of class c (weakseg's default for
+            class tokens). ``"flatten"``: ``Linear(T * D, C)`` of all outputs concatenated, as released with
+            TokenMasking-WSSS (Hanna & Borth, ICCV 2025): every logit sees every token, and only the random
+            masking of absent classes' tokens ties token c to class c.
+        final_norm: apply the final LayerNorm before the head (timm, DeiT; TokenMasking-WSSS builds it but skips it).
         gated: put a Hard Concrete gate on every head.
         gate_temperature, gate_stretch: Hard Concrete parameters (paper: 0.33 and (-0.1, 1.1)).
         gate_init: initial log alpha of every gate; None = Xavier-uniform as the paper.
@@ -72,6 +84,8 @@ class ViTConfig:
     num_classes: int = 8
     num_cls_tokens: int = 1
     num_register_tokens: int = 0
+    head_type: HeadType = "pooled"
+    final_norm: bool = True
     gated: bool = True
     gate_temperature: float = 0.33
     gate_stretch: tuple[float, float] = field(default=(-0.1, 1.1))
@@ -101,6 +115,13 @@ class ViTConfig:
             raise ConfigError(f"fusion must be 'concat' or 'sum', got {self.fusion!r}")
         if self.num_cls_tokens < 1:
             raise ConfigError("num_cls_tokens must be at least 1")
+        if self.head_type not in HEAD_TYPES:
+            raise ConfigError(f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}")
+        if self.head_type != "pooled" and self.num_cls_tokens != self.num_classes:
+            raise ConfigError(
+                f"head_type {self.head_type!r} needs one class token per class: num_cls_tokens "
+                f"{self.num_cls_tokens} != num_classes {self.num_classes}"
+            )
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -109,6 +130,11 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return self.num_cls_tokens + self.num_register_tokens
+
+    @property
+    def has_class_tokens(self) -> bool:
+        """One class token per class, each feeding its own class's logit (``class_tokens`` architecture)."""
+        return self.num_cls_tokens == self.num_classes and self.head_type != "pooled"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -157,23 +183,29 @@ class Attention(nn.Module):
         #: "explicit" forces the softmax path even without a requested map (benchmarks, debugging).
         self.impl: AttentionImpl = "fused"
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, return_attention: bool = False, gated_map: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns the output and, with ``return_attention``, the attention map (B, heads, N, N): times the gate
+        (pruned heads all zero) by default, or before the gate with ``gated_map=False`` (the output is gated
+        either way)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
         g = self.gate() if self.gate is not None else None  # (1, heads, 1, 1)
-        attn = None
+        attn = raw = None
         if return_attention or self.impl == "explicit":
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-            if g is not None:
-                attn = attn * g
+            raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            attn = raw * g if g is not None else raw
             out = attn @ v  # (B, heads, N, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
             if g is not None:
                 out = out * g
         out = out.transpose(1, 2).reshape(B, N, D)
-        return self.proj(out), (attn if return_attention else None)
+        if not return_attention:
+            return self.proj(out), None
+        return self.proj(out), attn if gated_map else raw
 
 
 class Mlp(nn.Module):
@@ -197,8 +229,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention)
+    def forward(
+        self, x: Tensor, return_attention: bool = False, gated_map: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention, gated_map)
         x = x + y
         x = x + self.mlp(self.norm2(x))
         return x, attn
@@ -215,6 +249,7 @@ class BackboneOutput:
         attentions: block index (0-based) -> post-softmax attention times the head gate, (B, heads, N, N)
             with N = P + h*w; rows are queries. Pruned heads (eval mode) are all zero.
         num_prefix_tokens: P.
+        num_class_tokens: T, the first T prefix tokens (1 for a CLS token, C for class tokens).
     """
 
     prefix: Tensor
@@ -222,6 +257,7 @@ class BackboneOutput:
     grid: tuple[int, int]
     attentions: dict[int, Tensor]
     num_prefix_tokens: int
+    num_class_tokens: int = 1
 
     def patch_grid(self) -> Tensor:
         """Patch tokens as a feature map, (B, D, h, w) (ViT-PCM and segmentation heads)."""
@@ -233,6 +269,15 @@ class BackboneOutput:
         attn = self.attentions[block]  # (B, heads, N, N)
         row = attn[:, :, cls_index, self.num_prefix_tokens :]  # (B, heads, h*w)
         return row.reshape(*row.shape[:2], *self.grid)
+
+    def class_token_attention(self, block: int) -> Tensor:
+        """Attention of every class token to every patch, (B, heads, T, h, w), from block ``block``.
+
+        Columns of other prefix tokens (class tokens, registers) are dropped, so a row does not sum to 1.
+        """
+        attn = self.attentions[block]  # (B, heads, N, N)
+        rows = attn[:, :, : self.num_class_tokens, self.num_prefix_tokens :]  # (B, heads, T, h*w)
+        return rows.reshape(*rows.shape[:3], *self.grid)
 
 
 class GatedViT(nn.Module):
@@ -255,8 +300,10 @@ class GatedViT(nn.Module):
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + h * w, D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, cfg.num_classes)
+        self.norm: nn.Module = nn.LayerNorm(D, eps=1e-6) if cfg.final_norm else nn.Identity()
+        # "pooled" and "per_class" both hold one weight row per class, (C, D); "flatten" sees all T tokens.
+        head_in = D * cfg.num_cls_tokens if cfg.head_type == "flatten" else D
+        self.head = nn.Linear(head_in, cfg.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -292,9 +339,34 @@ class GatedViT(nn.Module):
         return self.cfg.grid_size
 
     @property
+    def num_class_tokens(self) -> int:
+        return self.cfg.num_cls_tokens
+
+    @property
+    def has_class_tokens(self) -> bool:
+        return self.cfg.has_class_tokens
+
+    @property
     def gradcam_layer(self) -> nn.Module:
-        """``blocks[-1].norm1``: Grad-CAM's target; the last block's own outputs never reach the CLS logit."""
-        return self.blocks[-1].norm1
+        """Grad-CAM's target: the first LayerNorm of the last block that kept a head (``blocks[-1].norm1`` unless
+        pruning emptied the last blocks).
+
+        The last block's own patch outputs never reach a class token, so its *input* is the last place the patches
+        feed the logits; a block whose heads were all pruned passes nothing from the patches to the class tokens,
+        so the gradient at its input is zero and the target moves to the last block that still attends.
+        """
+        kept = self.head_mask().any(dim=1)  # (depth,)
+        alive = kept.nonzero().flatten().tolist()
+        return self.blocks[alive[-1] if alive else -1].norm1
+
+    def head_output_layer(self, block: int) -> nn.Module:
+        """The module whose *input* is block ``block``'s gated per-head outputs, (B, N, heads * head_dim).
+
+        Head ``h`` owns channels ``h * head_dim : (h + 1) * head_dim``. Gradient times this input, summed over a
+        head's channels and the tokens, is the first-order effect of switching the head off (Michel et al.,
+        "Are Sixteen Heads Really Better than One?", NeurIPS 2019): a head's relevance to a class.
+        """
+        return self.blocks[block % self.cfg.depth].attn.proj
 
     @property
     def gates(self) -> list[HardConcreteGate]:
@@ -325,29 +397,55 @@ class GatedViT(nn.Module):
             prefix.append(self.reg_token.expand(B, -1, -1))
         return torch.cat([*prefix, tokens], dim=1) + self.pos_embed
 
-    def forward_features(self, x: Tensor, attention_blocks: Iterable[int] | None = None) -> BackboneOutput:
+    def forward_features(
+        self, x: Tensor, attention_blocks: Iterable[int] | None = None, gated_maps: bool = True
+    ) -> BackboneOutput:
         """Run the backbone.
 
         Args:
             x: (B, C, H, W) image.
             attention_blocks: block indices (negative allowed) whose attention maps to return; only these blocks
                 take the explicit-softmax path. None or empty: all blocks use fused SDPA.
+            gated_maps: return the maps times the head gates (pruned heads all zero; the contract), or, with
+                False, before the gates (what TokenMasking-WSSS's released code averaged; its defect 2). The
+                forward pass is gated either way.
         """
         wanted = {i % self.cfg.depth for i in (attention_blocks or ())}
         tokens = self.embed(x)
         attentions: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            tokens, attn = blk(tokens, return_attention=i in wanted)
+            tokens, attn = blk(tokens, return_attention=i in wanted, gated_map=gated_maps)
             if attn is not None:
                 attentions[i] = attn
         tokens = self.norm(tokens)
         P = self.num_prefix_tokens
-        return BackboneOutput(tokens[:, :P], tokens[:, P:], self.grid_size, attentions, P)
+        return BackboneOutput(tokens[:, :P], tokens[:, P:], self.grid_size, attentions, P, self.cfg.num_cls_tokens)
 
-    def forward_head(self, out: BackboneOutput, pre_logits: bool = False) -> Tensor:
-        """Pooled class-token embedding (B, D) with ``pre_logits``; else multi-label logits (B, classes)."""
-        pooled = out.prefix[:, : self.cfg.num_cls_tokens].mean(dim=1)
-        return pooled if pre_logits else self.head(pooled)
+    def forward_head(
+        self, out: BackboneOutput, pre_logits: bool = False, drop_class_tokens: Tensor | None = None
+    ) -> Tensor:
+        """Multi-label logits (B, classes), or with ``pre_logits`` what the head reads.
+
+        Args:
+            out: the backbone's output.
+            pre_logits: return the head's input instead: the pooled embedding (B, D) for ``"pooled"``, the class
+                token outputs (B, T, D) for ``"per_class"`` and ``"flatten"``.
+            drop_class_tokens: optional (B, T) bool; True zeroes that class token's output before the head.
+                Class-specific token masking (Hanna & Borth, ICCV 2025) drops tokens of absent classes at random
+                during training; the draw is the caller's (:class:`weakseg.tasks.classification.ClassificationTask`).
+        """
+        tokens = out.prefix[:, : self.cfg.num_cls_tokens]  # (B, T, D)
+        if drop_class_tokens is not None:
+            tokens = tokens.masked_fill(drop_class_tokens[..., None].to(tokens.device), 0.0)
+        head_type = self.cfg.head_type
+        if head_type == "pooled":
+            pooled = tokens.mean(dim=1)  # (B, D)
+            return pooled if pre_logits else self.head(pooled)
+        if pre_logits:
+            return tokens
+        if head_type == "per_class":
+            return (tokens * self.head.weight).sum(dim=-1) + self.head.bias  # (B, C): token c -> logit c
+        return self.head(tokens.flatten(1))  # (B, T*D) -> (B, C)
 
     def forward(self, x: Tensor) -> Tensor:
         """Multi-label logits (B, num_classes); apply a sigmoid for probabilities."""

@@ -7,6 +7,19 @@ sigmoid inside the model (4), log alpha without weight decay (6), the determinis
 instead of the stochastic "sparsity rate" (7), the LR schedule is really applied (8), the true batch size is
 logged (17). Our additions, off by default: the penalty normalised by the number of heads and a linear penalty
 warm-up.
+
+With one class token per class (``--arch class_tokens``; Hanna and Borth, "Know Your Attention Maps:
+Class-specific Token Masking for Weakly Supervised Semantic Segmentation", ICCV 2025, ``token_masking.md``
+sections 1-2) two terms are added:
+
+- **Class-specific token masking**: in every training step, each absent class's token output is zeroed before
+  the head with probability ``token_mask_rate`` (paper: 0.5); present classes are never masked. A vectorised
+  Bernoulli draw from torch's generator (seeded by ``--seed``), not the released per-element Python loop (its
+  defect 8). Validation and prediction never mask.
+- **Diversity loss** (optional, ``diversity_weight``; the released code's ``--diversify``, coefficient 0.1): the
+  class tokens' attention maps to the patches (mean over heads, summed over blocks, gated), L2-normalised per
+  class; the loss is ``sqrt(sum((G - I)^2) + 1e-10)`` of their cosine Gram matrix ``G``, averaged over the batch.
+  It pushes the C maps apart.
 """
 
 from __future__ import annotations
@@ -27,8 +40,9 @@ from torchmetrics.classification import (
 )
 
 from weakseg.errors import ConfigError
+from weakseg.models.architectures import architecture_of
 from weakseg.models.pretrained import load_pretrained
-from weakseg.models.vit import GatedViT, ViTConfig
+from weakseg.models.vit import BackboneOutput, GatedViT, ViTConfig
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 
@@ -52,6 +66,10 @@ class ClassificationTask(L.LightningModule):
         data_config: how the data module prepared inputs (modality, normalisation, band stats), saved in the
             checkpoint so pseudomask generation reproduces the same inputs.
         pretrained: optional local timm/DeiT/DINO checkpoint to initialise the backbone from.
+        token_mask_rate: probability of zeroing an absent class's token output in a training step (class-token
+            models only; 0 = off).
+        diversity_weight: weight of the class-map diversity loss (class-token models only; 0 = off).
+        arch: architecture name (:mod:`weakseg.models.architectures`), recorded for the pseudomask methods.
     """
 
     def __init__(
@@ -70,13 +88,23 @@ class ClassificationTask(L.LightningModule):
         class_names: list[str] | None = None,
         data_config: dict[str, Any] | None = None,
         pretrained: str | None = None,
+        token_mask_rate: float = 0.0,
+        diversity_weight: float = 0.0,
+        arch: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "adam", "sgd"):
             raise ConfigError(f"unknown optimizer {optimizer!r} (--optimizer); choose adamw, adam or sgd")
         model = {**model, "gated": bool(prune)}
-        self.save_hyperparameters()
         self.model_config = ViTConfig(**model)
+        arch = arch or architecture_of(self.model_config)
+        self.save_hyperparameters()
+        if not 0.0 <= token_mask_rate <= 1.0:
+            raise ConfigError(f"token_mask_rate must be in [0, 1], got {token_mask_rate} (--token_mask_rate)")
+        if (token_mask_rate > 0 or diversity_weight > 0) and not self.model_config.has_class_tokens:
+            raise ConfigError(
+                "--token_mask_rate and --diversity_weight need one class token per class (--arch class_tokens)"
+            )
         self.model = GatedViT(self.model_config)
         if pretrained:
             load_pretrained(self.model, Path(pretrained))
@@ -105,19 +133,27 @@ class ClassificationTask(L.LightningModule):
             lam *= min(1.0, self.global_step / warm)
         return lam
 
-    def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.model(batch["image"])  # (B, C)
-        bce = F.binary_cross_entropy_with_logits(logits, batch["label"])
-        return logits, bce, batch["label"]
+    def _step(self, batch: dict[str, Any], train: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Logits, BCE, targets and (training with ``diversity_weight``) the diversity loss."""
+        target = batch["label"]  # (B, C)
+        diversity = self.hparams.diversity_weight > 0 and train
+        out = self.model.forward_features(batch["image"], attention_blocks=range(self.model_config.depth) if diversity else None)
+        drop = absent_token_mask(target, float(self.hparams.token_mask_rate)) if train else None
+        logits = self.model.forward_head(out, drop_class_tokens=drop)  # (B, C)
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return logits, bce, target, class_map_diversity(out) if diversity else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits, bce, target = self._step(batch)
+        logits, bce, target, diversity = self._step(batch, train=True)
         loss = bce
         B = target.shape[0]
         if self.hparams.prune:
             l0 = self.model.l0_penalty(normalize=bool(self.hparams.l0_normalize))
-            loss = bce + self.l0_weight() * l0
+            loss = loss + self.l0_weight() * l0
             self.log("train_l0", l0, batch_size=B)
+        if diversity is not None:
+            loss = loss + self.hparams.diversity_weight * diversity
+            self.log("train_diversity", diversity, batch_size=B)
         self.log("train_bce", bce, batch_size=B)
         self.log("train_loss", loss, prog_bar=True, batch_size=B)
         self.train_metrics.update(torch.sigmoid(logits.detach()), target.int())
@@ -128,7 +164,7 @@ class ClassificationTask(L.LightningModule):
         self._log_pruning()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits, bce, target = self._step(batch)
+        logits, bce, target, _ = self._step(batch)
         self.log("val_loss", bce, prog_bar=True, batch_size=target.shape[0], sync_dist=True)
         self.val_metrics.update(torch.sigmoid(logits), target.int())
 
@@ -183,6 +219,37 @@ class ClassificationTask(L.LightningModule):
         warmup = min(total - 1, int(round(self.hparams.warmup_epochs * total / epochs)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def absent_token_mask(target: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor | None:
+    """Class-specific token masking (Hanna & Borth, ICCV 2025): which class tokens to zero in this step.
+
+    Args:
+        target: (B, C) multi-hot image labels.
+        rate: probability of masking each absent class's token (present classes are never masked).
+        generator: torch generator (default: the global one, seeded by ``--seed``).
+
+    Returns:
+        (B, C) bool, True = zero this token's output; None when ``rate`` is 0.
+    """
+    if rate <= 0:
+        return None
+    draw = torch.rand(target.shape, generator=generator, device="cpu").to(target.device)  # (B, C)
+    return (target < 0.5) & (draw < rate)
+
+
+def class_map_diversity(out: BackboneOutput) -> Tensor:
+    """Diversity loss of the class tokens' attention maps (TokenMasking-WSSS ``--diversify``), a scalar.
+
+    Maps: each class token's attention to the patches, mean over heads, summed over the blocks in ``out``
+    (gated: a head dropped in this step contributes zero); L2-normalised per class. Loss: per image
+    ``sqrt(sum((G - I)^2) + 1e-10)`` of the (C, C) cosine Gram matrix ``G``; mean over the batch.
+    """
+    maps = sum(out.class_token_attention(b).mean(dim=1) for b in out.attentions)  # (B, T, h, w)
+    maps = F.normalize(maps.flatten(2), dim=-1)  # (B, T, h*w)
+    gram = maps @ maps.transpose(1, 2)  # (B, T, T)
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return torch.sqrt(((gram - eye) ** 2).sum(dim=(1, 2)) + 1e-10).mean()
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -503,3 +503,71 @@ def plot_metric_bars(
         ax.set_ylabel(metrics[0], fontsize=8)
     ax.set_title(title if title is not None else ", ".join(metrics), fontsize=9)
     return _save(fig, path)
+
+
+def plot_class_maps(
+    rows: Sequence[Mapping[str, object]],
+    class_names: Sequence[str],
+    class_colors: Sequence[Color],
+    path: str | os.PathLike,
+    title: str | None = None,
+    panel_size: float = 1.8,
+    dpi: int = 100,
+) -> Path:
+    """One row per tile: true colour, ground truth, the pseudomask, then one heat map per label of the tile.
+
+    What a class-map method (class attention, Grad-CAM) saw before its mask rule: each label's map, scaled to its
+    own range, titled with the class name and its predicted probability.
+
+    Args:
+        rows: one dict per tile with ``"id"``, ``"image"`` ((C, H, W) bands), ``"ground truth"`` and ``"mask"``
+            ((H, W) class ids, 255 = unlabelled; either may be missing), ``"maps"`` ((C, h, w) class maps),
+            ``"labels"`` (class ids to draw, in order) and optionally ``"probs"`` ((C,) probabilities).
+        class_names, class_colors: as :func:`plot_pseudomask_panel`.
+        path: PNG to write.
+        title: figure title.
+        panel_size, dpi: inches per panel and resolution.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    if not rows:
+        raise WeaksegError("plot_class_maps needs at least one row")
+    n_maps = max(1, max(len(list(r["labels"])) for r in rows))  # type: ignore[arg-type]
+    n_cols = 3 + n_maps
+    fig = _new_figure(n_cols * panel_size, len(rows) * panel_size + 0.5 + (0.35 if title else 0.0), dpi)
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].imshow(_as_rgb_display(np.asarray(row["image"])), interpolation="nearest")
+        axes[r, 0].set_ylabel(str(row.get("id", r)), fontsize=8)
+        for c, key in ((1, "ground truth"), (2, "mask")):
+            if row.get(key) is not None:
+                axes[r, c].imshow(colorize_mask(np.asarray(row[key]), class_colors), interpolation="nearest")
+            else:
+                axes[r, c].set_axis_off()
+        maps = np.asarray(row["maps"], dtype=np.float64)  # (C, h, w)
+        probs = row.get("probs")
+        labels = list(row["labels"])  # type: ignore[arg-type]
+        for j in range(n_maps):
+            ax = axes[r, 3 + j]
+            if j >= len(labels):
+                ax.set_axis_off()
+                continue
+            c = int(labels[j])
+            m = maps[c]
+            span = m.max() - m.min()
+            ax.imshow((m - m.min()) / span if span > 0 else np.zeros_like(m), cmap="magma", vmin=0, vmax=1,
+                      interpolation="bilinear")
+            name = class_names[c] + (f" {float(np.asarray(probs)[c]):.2f}" if probs is not None else "")
+            ax.set_title(name, fontsize=8, color=np.array(_rgb255(class_colors[c])) / 255)
+        if r == 0:
+            for c, name in ((0, "true colour"), (1, "ground truth"), (2, "pseudomask")):
+                axes[0, c].set_title(name, fontsize=9)
+    fig.legend(handles=_legend_handles(class_names, class_colors), loc="outside lower center",
+               ncols=min(len(class_names) + 1, 5), fontsize=8, frameon=False, handlelength=1.2)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -11,7 +11,7 @@ import rasterio
 from weakseg.cli import main
 from weakseg.data.dfc2020 import DFC2020Dataset
 from weakseg.errors import ConfigError
-from weakseg.pseudolabels.generate import KILL_AFTER_ENV, check_checkpoint_matches_data
+from weakseg.pipeline.pseudomasks import KILL_AFTER_ENV, check_checkpoint_matches_data
 from weakseg.tasks.classification import load_classifier
 
 

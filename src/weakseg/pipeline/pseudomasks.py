@@ -1,7 +1,8 @@
 """Running a pseudomask method over a dataset: Lightning's predict loop, an atomic writer, a manifest, resume.
 
-The method itself (:mod:`weakseg.methods`) works on a batch; this module turns a trained classifier checkpoint
-and a dataset into one label image per tile plus a manifest that accounts for every tile:
+The method itself (:mod:`weakseg.methods`, looked up by name) works on a batch; this module turns a trained
+classifier checkpoint and a dataset into one label image and one confidence map per tile plus a manifest that
+accounts for every tile. It knows no method: a new one needs no change here.
 
 - **Lightning predict loop** with a :class:`~lightning.pytorch.callbacks.BasePredictionWriter`, so generation
   spreads over several devices exactly like training (``--num_devices``).
@@ -13,6 +14,10 @@ and a dataset into one label image per tile plus a manifest that accounts for ev
   uninterrupted run.
 - **Nothing dropped silently** (defect 1 of the original): a tile whose files cannot be read gets a row with
   status ``skipped`` and the reason; method fallbacks are rows with status ``fallback`` and their reason.
+- **Is the assignment right?** For methods that give regions classes (attention clustering), where the split has
+  ground-truth masks, each multi-label tile's row says whether the chosen region -> class assignment is the best
+  possible one against the ground truth (``assignment`` = ``best`` / ``not_best``); the summary counts them. A
+  diagnostic only: the ground truth never changes a mask.
 """
 
 from __future__ import annotations
@@ -24,19 +29,17 @@ import logging
 import os
 import signal
 import time
-import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
-from rasterio.errors import NotGeoreferencedWarning
+from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from weakseg.data import open_dataset
@@ -44,17 +47,18 @@ from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
 from weakseg.errors import ConfigError, DataError, WeaksegError
 from weakseg.io import atomic_path, atomic_write_json
-from weakseg.methods.attention_clustering import attention_pseudomasks, head_maps_from_model, relabel_regions
-from weakseg.methods.common import oracle_label_sets, predicted_label_sets
-from weakseg.methods.gradcam import gradcam_maps, gradcam_pseudomasks
-from weakseg.methods.top_class import top_class_pseudomasks
+from weakseg.masks.labels import oracle_label_sets, predicted_label_sets
+from weakseg.methods import get_method
+from weakseg.methods.attention_clustering import relabel_regions
+from weakseg.methods.base import PseudomaskMethod
+from weakseg.pipeline.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
 log = logging.getLogger(__name__)
 
-MethodName = Literal["attention", "gradcam", "top_class"]
-METHODS: tuple[str, ...] = ("attention", "gradcam", "top_class")
-MANIFEST_FIELDS = ("id", "status", "reason", "method", "labels", "used_labels", "probabilities", "file")
+MANIFEST_FIELDS = ("id", "status", "reason", "method", "labels", "used_labels", "probabilities", "assignment",
+                   "file")
+ASSIGNMENT_BEST, ASSIGNMENT_NOT_BEST = "best", "not_best"
 #: Testing hook: kill the process (SIGKILL) after this many tiles were written, to exercise resume.
 KILL_AFTER_ENV = "WEAKSEG_TEST_KILL_AFTER_TILES"
 
@@ -72,7 +76,7 @@ class PseudomaskJob:
     datadir: str
     split: str
     threshold: float
-    seed: int
+    method_options: dict[str, Any] = field(default_factory=dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,24 +125,54 @@ def collate_tiles(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def assignment_is_best(regions: np.ndarray, region_class: np.ndarray, gt: np.ndarray) -> bool | None:
+    """Is the region -> class assignment of one image the best possible against its ground truth?
+
+    Best = the assignment of the same regions to distinct classes among those given (a permutation) that labels
+    the most pixels correctly (Hungarian). Ties count as best. Pixels outside every region or with ground truth
+    255 do not count.
+
+    Args:
+        regions: (H, W) region ids, -1 = none.
+        region_class: (K,) class of region k, -1 = no such region.
+        gt: (H, W) ground truth, 255 = ignore.
+
+    Returns:
+        None when fewer than two regions were given classes (nothing to choose).
+    """
+    ids = [k for k in range(len(region_class)) if region_class[k] >= 0]
+    if len(ids) < 2:
+        return None
+    classes = np.asarray([region_class[k] for k in ids])
+    valid = (regions >= 0) & (gt != IGNORE_INDEX)
+    agree = np.zeros((len(ids), len(ids)), dtype=np.int64)  # region i painted as class of region j: correct px
+    reg, truth = regions[valid], gt[valid]
+    for i, k in enumerate(ids):
+        in_region = truth[reg == k]
+        agree[i] = [(in_region == c).sum() for c in classes]
+    chosen = int(np.trace(agree))
+    rows, cols = linear_sum_assignment(agree, maximize=True)
+    return chosen >= int(agree[rows, cols].sum())
+
+
 class PseudomaskModule(L.LightningModule):
     """Wraps a trained classifier and one method for ``trainer.predict``."""
 
-    def __init__(self, task: ClassificationTask, method: str, oracle: bool, relabel: bool, threshold: float, seed: int) -> None:
+    def __init__(self, task: ClassificationTask, method: PseudomaskMethod, oracle: bool, relabel: bool,
+                 threshold: float) -> None:
         super().__init__()
         self.task = task
         self.method = method
         self.oracle = oracle
         self.relabel = relabel
         self.threshold = threshold
-        self.seed = seed
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         model = self.task.model.eval()
         ok = [i for i, e in enumerate(batch["error"]) if not e]
         rows: list[dict[str, Any]] = [
             {"id": batch["id"][i], "index": batch["index"][i], "status": "skipped", "reason": batch["error"][i],
-             "mask": None, "probs": None, "labels": None, "used": None}
+             "mask": None, "confidence": None, "probs": None, "labels": None, "used": None, "assignment": ""}
             for i in range(len(batch["id"]))
         ]
         if not ok:
@@ -146,32 +180,26 @@ class PseudomaskModule(L.LightningModule):
         images = batch["image"][ok]
         sizes = [tuple(batch["mask"][i].shape) for i in ok]
         with torch.no_grad():
-            if self.method == "attention":
-                head_maps, kept, probs = head_maps_from_model(model, images)
-            else:
-                probs = model(images).sigmoid()
+            probs = model(images).sigmoid()  # (B, C)
         label_sets = oracle_label_sets(batch["label"][ok]) if self.oracle else predicted_label_sets(probs, self.threshold)
-        if self.method == "gradcam":
-            with torch.inference_mode(False), torch.enable_grad():
-                cams = gradcam_maps(model, images.clone(), label_sets)
         for size in sorted(set(sizes)):
             group = [j for j, s in enumerate(sizes) if s == size]
             g = torch.tensor(group, device=images.device)
-            if self.method == "attention":
-                res = attention_pseudomasks(head_maps[g], kept, probs[g], label_sets[g], size, seed=self.seed)
-            elif self.method == "gradcam":
-                res = gradcam_pseudomasks(cams[g], probs[g], label_sets[g], size)
-            else:
-                res = top_class_pseudomasks(probs[g], size, label_sets[g])
+            res = self.method.pseudomasks(model, images[g], probs[g], label_sets[g], size)
             masks = res.masks
             if self.relabel:
                 masks = self._relabel(images[g], masks, label_sets[g])
             for k, j in enumerate(group):
                 i = ok[j]
+                gt = batch["mask"][i].cpu().numpy()
+                check = None
+                if res.regions is not None and res.region_class is not None and (gt != IGNORE_INDEX).any():
+                    check = assignment_is_best(res.regions[k], res.region_class[k], gt)
                 rows[i].update(
                     status=res.status[k], reason=res.reason[k], mask=np.asarray(masks[k], dtype=np.uint8),
-                    probs=probs[j].float().cpu().numpy(), labels=label_sets[j].cpu().numpy(),
-                    used=np.asarray(res.used_labels[k]),
+                    confidence=res.confidence[k], probs=probs[j].float().cpu().numpy(),  # type: ignore[index]
+                    labels=label_sets[j].cpu().numpy(), used=np.asarray(res.used_labels[k]),
+                    assignment="" if check is None else ASSIGNMENT_BEST if check else ASSIGNMENT_NOT_BEST,
                 )
         return rows
 
@@ -206,7 +234,9 @@ class PseudomaskWriter(BasePredictionWriter):
                 file = ""
                 if row["mask"] is not None:
                     file = f"{row['id']}.tif"
-                    write_mask_geotiff(self.out_dir / file, row["mask"], self.reader.source_path(row["index"]))
+                    source = self.reader.source_path(row["index"])
+                    write_confidence_geotiff(confidence_path(self.out_dir, row["id"]), row["confidence"], source)
+                    write_mask_geotiff(self.out_dir / file, row["mask"], source)
                 f.write(json.dumps(self._manifest_row(row, file)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -223,21 +253,7 @@ class PseudomaskWriter(BasePredictionWriter):
         probs = "" if row["probs"] is None else ";".join(f"{n}={p:.4f}" for n, p in zip(names, row["probs"]))
         return {"id": row["id"], "status": row["status"], "reason": row["reason"], "method": self.job.method,
                 "labels": label_names(row["labels"]), "used_labels": label_names(row["used"]),
-                "probabilities": probs, "file": file, "_index": row["index"]}
-
-
-def write_mask_geotiff(path: Path, mask: np.ndarray, source: Path | None) -> None:
-    """Single-band uint8 GeoTIFF (255 = unlabelled) with the source's CRS and transform when it has them."""
-    profile: dict[str, Any] = dict(driver="GTiff", height=mask.shape[0], width=mask.shape[1], count=1,
-                                   dtype="uint8", nodata=IGNORE_INDEX, compress="deflate")
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain PNG/TIFF sources have no georeference
-        if source is not None and source.suffix.lower() in (".tif", ".tiff"):
-            with rasterio.open(source) as src:
-                if src.crs is not None and (src.height, src.width) == mask.shape:
-                    profile.update(crs=src.crs, transform=src.transform)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(mask[None])
+                "probabilities": probs, "assignment": row["assignment"], "file": file, "_index": row["index"]}
 
 
 def read_manifest_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -259,7 +275,7 @@ def check_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> None
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output {out_dir} exists and is not a folder (--output)")
     if overwrite and out_dir.is_dir():
-        for p in list(out_dir.glob("*.tif")) + list(out_dir.glob(".manifest.rank*.jsonl")):
+        for p in [*out_dir.glob("*.tif"), *(out_dir / "confidence").glob("*.tif"), *out_dir.glob(".manifest.rank*.jsonl")]:
             p.unlink()
         for name in ("run.json", "manifest.csv", "summary.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -303,19 +319,29 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
 
 def generate_pseudomasks(
     checkpoint: Path, datadir: Path, split: str, out_dir: Path, method: str = "attention", *,
-    dataset: str | None = None, oracle: bool = False, relabel: bool = False, threshold: float = 0.5,
-    seed: int = 24, batch_size: int = 16, num_workers: int = 0, num_devices: int = 1, accelerator: str = "auto",
-    overwrite: bool = False, progress: bool = True,
+    method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
+    relabel: bool = False, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 0, num_devices: int = 1,
+    accelerator: str = "auto", overwrite: bool = False, progress: bool = True,
 ) -> dict[str, Any]:
-    """Pseudomasks for every tile of ``split``; returns the summary also written to ``out_dir/summary.json``."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    """Pseudomasks for every tile of ``split``; returns the summary also written to ``out_dir/summary.json``.
+
+    Args:
+        checkpoint: classifier checkpoint (``weakseg train``).
+        datadir, split, dataset: the tiles (dataset kind defaults to the classifier's).
+        out_dir: mask folder (masks, ``confidence/``, ``manifest.csv``, ``summary.json``, ``run.json``).
+        method: a name of :data:`weakseg.methods.METHODS`; ``method_options`` its ``Options`` fields.
+        oracle: ground-truth image labels instead of the predicted ones.
+        relabel: re-label each region by the classifier (the sparse ViT paper's step 8).
+        threshold: probability above which a label is predicted.
+    """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    runner = get_method(method, **(method_options or {}))
     task = load_classifier(checkpoint)
+    runner.check_model(task.model, checkpoint)
     data_cfg = dict(task.hparams.get("data_config") or {})
     kind = dataset or data_cfg.get("dataset", "dfc2020")
     modality = data_cfg.get("modality", "s2")
-    if method == "attention" and not task.hparams.get("prune") and not task.model_config.gated:
+    if method == "attention" and not task.model_config.gated:
         log.info("checkpoint has no gates: clustering all heads (the 'attention without pruning' baseline)")
     img_size = task.model_config.img_size
     reader = open_dataset(kind, datadir, split, modality=modality,
@@ -325,7 +351,7 @@ def generate_pseudomasks(
         raise ConfigError("--oracle needs ground-truth image labels")
     check_checkpoint_matches_data(task, reader, checkpoint)
     job = PseudomaskJob(str(checkpoint.resolve()), file_sha256(checkpoint), method, oracle, relabel, kind,
-                        str(Path(datadir).resolve()), split, threshold, seed)
+                        str(Path(datadir).resolve()), split, threshold, runner.options_dict())
     check_output_dir(out_dir, job, overwrite)
     done = {k: r for k, r in read_manifest_rows(out_dir).items()
             if r["status"] != "skipped" and (out_dir / r["file"]).is_file()}
@@ -338,12 +364,12 @@ def generate_pseudomasks(
         tiles = _SafeTiles(reader, img_size, task.model_config.in_chans)
         loader = DataLoader(Subset(tiles, todo), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=collate_tiles)
-        module = PseudomaskModule(task, method, oracle, relabel, threshold, seed)
+        module = PseudomaskModule(task, runner, oracle, relabel, threshold)
         writer = PseudomaskWriter(out_dir, reader, job, list(task.class_names))
         trainer = L.Trainer(
             accelerator=accelerator, devices=num_devices, strategy="ddp" if num_devices > 1 else "auto",
             callbacks=[writer], logger=False, enable_progress_bar=progress, enable_model_summary=False,
-            inference_mode=False,  # Grad-CAM needs autograd inside predict_step
+            inference_mode=False,  # gradient-based methods need autograd inside predict_step
         )
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         if not trainer.is_global_zero:
@@ -372,6 +398,10 @@ def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, til
         "tiles_this_run": tiles_this_run, "seconds_this_run": round(elapsed, 2),
         "skipped": [{"id": r["id"], "reason": r["reason"]} for r in ordered if r["status"] == "skipped"],
     }
+    checked = [r.get("assignment", "") for r in ordered if r.get("assignment")]
+    if checked:
+        summary["assignment"] = {"best": checked.count(ASSIGNMENT_BEST), "checked": len(checked),
+                                 "labels": "oracle" if job.oracle else "predicted"}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -386,3 +416,8 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
         print(f"  reason {k:<28} {v}")
     for s in summary["skipped"][:10]:
         print(f"  skipped {s['id']}: {s['reason']}")
+    if "assignment" in summary:
+        a = summary["assignment"]
+        print(f"  assignment of regions to classes ({a['labels']} labels): the best possible on {a['best']} of "
+              f"{a['checked']} multi-label tiles ({100 * a['best'] / a['checked']:.0f}%), checked against the "
+              "ground truth")

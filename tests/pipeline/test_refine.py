@@ -1,10 +1,11 @@
-"""Tests of weakseg.pseudolabels.refine and the ``weakseg refine`` command (stage 3: UNet refinement)."""
+"""Tests of weakseg.pipeline.refine and the ``weakseg refine`` command (stage 3: UNet refinement)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,16 +16,31 @@ import rasterio
 import torch
 from PIL import Image
 
-import weakseg.pseudolabels.refine as refine_module
-from weakseg.cli import main
+import weakseg.pipeline.refine as refine_module
+from weakseg.cli import build_parser, main
 from weakseg.commands.refine import resolve_refine_config
 from weakseg.data import open_dataset
 from weakseg.data.datamodule import build_transform
 from weakseg.data.synthetic import generate_synthetic_dfc2020
+from weakseg.data.targets import TargetTiles, drop_low_confidence, load_mask_folder
 from weakseg.errors import ConfigError, DataError
 from weakseg.evaluation.compare import evaluate_folder, read_prediction_mask
-from weakseg.pseudolabels.generate import write_mask_geotiff
-from weakseg.pseudolabels.refine import RefineConfig, TargetTiles, load_mask_folder, refine
+from weakseg.pipeline.mask_files import (
+    confidence_path,
+    read_confidence,
+    write_confidence_geotiff,
+    write_mask_geotiff,
+)
+from weakseg.pipeline.refine import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_CONFIDENCE,
+    RefineConfig,
+    refine,
+)
+from weakseg.pipeline.tables import format_refine_table
+from weakseg.tasks.segmentation import SegmentationTask
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -88,7 +104,8 @@ def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def fit(task: Any, trainer: Any, loader: Any) -> None:
-        calls.append({"targets": [m.copy() for m in loader.dataset.masks], "seed": torch.initial_seed()})
+        calls.append({"targets": [m.copy() for m in loader.dataset.masks], "seed": torch.initial_seed(),
+                      "hparams": dict(task.hparams)})
         REAL_FIT(task, trainer, loader)
 
     monkeypatch.setattr(refine_module, "_fit", fit)
@@ -187,7 +204,8 @@ def test_unet_learns_single_class_pseudomasks(data_root: Path, tmp_path: Path) -
     for i, tile_id in enumerate(reader.ids):
         constant = np.full((TILE, TILE), 3, np.uint8)
         write_mask_geotiff(folder / f"{tile_id}.tif", constant, reader.source_path(i))
-    summary = refine(make_cfg(data_root, folder, tmp_path / "out", iterations=1, epochs=6, lr=0.02))
+    summary = refine(make_cfg(data_root, folder, tmp_path / "out", iterations=1, epochs=6, lr=0.02,
+                               lr_schedule="constant"))
     for tile_id in reader.ids:
         assert (read_prediction_mask(tmp_path / "out" / "iter1" / "masks" / f"{tile_id}.tif") == 3).all()
     # Same masks, same scores: the refined iteration scores exactly like the constant input.
@@ -372,8 +390,10 @@ def test_refinement_without_ground_truth_writes_masks_and_no_scores(tmp_path: Pa
     summary = refine(make_cfg(root, pm, tmp_path / "out", dataset="folder", split="all", iterations=1))
     assert not summary["has_ground_truth"]
     assert [e["train_scores"] for e in summary["iterations"]] == [None, None]
-    written = sorted(p.name for p in (tmp_path / "out" / "iter1" / "masks").iterdir())
+    masks = tmp_path / "out" / "iter1" / "masks"
+    written = sorted(p.name for p in masks.iterdir() if p.is_file())  # confidence/ is the one sub-folder
     assert written == [f"t{i}.tif" for i in range(4)]
+    assert sorted(p.name for p in (masks / "confidence").iterdir()) == written
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -444,8 +464,188 @@ def test_refine_table_shows_percentages_per_stage() -> None:
                "iterations": [{"iteration": 0, "train_scores": scores, "eval_scores": None},
                               {"iteration": 1, "train_scores": scores, "eval_scores": {**scores, "miou": 0.125}}],
                "supervised": {"iteration": "supervised", "train_scores": None, "eval_scores": scores}}
-    lines = refine_module.format_refine_table(summary).splitlines()
+    lines = format_refine_table(summary).splitlines()
     assert "'validation'" in lines[0] and "'test'" in lines[0]
     assert lines[3].split() == ["iter0", "50.0", "75.5", "25.0", "-", "-", "-"]
     assert lines[4].split() == ["iter1", "50.0", "75.5", "25.0", "12.5", "75.5", "25.0"]
     assert lines[5].split() == ["supervised", "-", "-", "-", "50.0", "75.5", "25.0"]
+
+
+# ---- confidence-aware refinement and the UNet recipe (tiny_dfc: 24 + 8 tiles of 32x32) ---------------------
+TINY_FAST = dict(widths=WIDTHS, epochs=1, batch_size=8)
+NO_AUGMENT = {"normalization": "none", "band_stats": None, "augmentations": []}
+
+
+def write_banded_pseudomasks(data_root: Path, folder: Path) -> Path:
+    """Masks of class (i % 8) with rows 0-3 unlabelled; confidence 0.2 on rows 2-9 and 0.9 elsewhere."""
+    reader = open_dataset("dfc2020", data_root, "validation")
+    for i, tile_id in enumerate(reader.ids):
+        mask = np.full((TILE, TILE), i % 8, np.uint8)
+        mask[:4] = 255
+        confidence = np.full((TILE, TILE), 0.9, np.float32)
+        confidence[2:10] = 0.2
+        write_mask_geotiff(folder / f"{tile_id}.tif", mask, reader.source_path(i))
+        write_confidence_geotiff(confidence_path(folder, tile_id), confidence, reader.source_path(i))
+    return folder
+
+
+def test_defaults_are_the_measured_unet_recipe_and_reach_the_task(
+    tiny_dfc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = RefineConfig(datadir="d", pseudomasks="p", output_dir="o")
+    assert (cfg.epochs, cfg.lr, cfg.lr_schedule) == (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_LR_SCHEDULE)
+    assert (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_LR_SCHEDULE) == (30, 3e-3, "cosine")
+    assert cfg.min_confidence == DEFAULT_MIN_CONFIDENCE == 0.0
+    pm = write_noisy_pseudomasks(tiny_dfc, tmp_path / "pm")
+    calls = record_fits(monkeypatch)
+    refine(make_cfg(tiny_dfc, pm, tmp_path / "out", iterations=1, **TINY_FAST))
+    assert calls[0]["hparams"]["lr_schedule"] == "cosine" and calls[0]["hparams"]["lr"] == 3e-3
+    refine(make_cfg(tiny_dfc, pm, tmp_path / "out2", iterations=1, lr_schedule="constant", **TINY_FAST))
+    assert calls[1]["hparams"]["lr_schedule"] == "constant"
+
+
+def test_low_confidence_pseudomask_pixels_are_ignored_and_the_fraction_reported(
+    tiny_dfc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pm = write_banded_pseudomasks(tiny_dfc, tmp_path / "pm")
+    calls = record_fits(monkeypatch)
+    summary = refine(make_cfg(tiny_dfc, pm, tmp_path / "out", iterations=1, min_confidence=0.5, **TINY_FAST))
+    # Rows 0-3 unlabelled, rows 4-9 below 0.5, rows 10-31 kept: 10 of 32 rows ignored, 6 for confidence.
+    for i, target in enumerate(calls[0]["targets"]):
+        assert (target[:10] == 255).all() and (target[10:] == i % 8).all()
+    entry = summary["iterations"][1]
+    assert entry["ignored_fraction"] == pytest.approx(10 / 32)
+    assert entry["low_confidence_fraction"] == pytest.approx(6 / 32)
+    assert summary["iterations"][0]["ignored_fraction"] is None
+    done = json.loads((tmp_path / "out" / "iter1" / "done.json").read_text())
+    assert done["ignored_fraction"] == pytest.approx(10 / 32) and done["targets_have_confidence"]
+    printed = capsys.readouterr().out
+    assert "iteration 1/1: 1 epochs on 24 tiles" in printed and "ignored 31.2% of target pixels" in printed
+    table_row = next(line for line in printed.splitlines() if line.startswith("iter1 "))
+    assert table_row.split()[-1] == "31.2"
+
+
+def test_pseudomasks_without_confidence_keep_every_pixel(tiny_dfc: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pm = write_banded_pseudomasks(tiny_dfc, tmp_path / "pm")
+    shutil.rmtree(pm / "confidence")
+    calls = record_fits(monkeypatch)
+    summary = refine(make_cfg(tiny_dfc, pm, tmp_path / "out", iterations=1, min_confidence=0.95, **TINY_FAST))
+    assert all((t[:4] == 255).all() and (t[4:] == i % 8).all() for i, t in enumerate(calls[0]["targets"]))
+    assert summary["iterations"][1]["ignored_fraction"] == pytest.approx(4 / 32)
+
+
+def test_partial_confidence_folder_is_refused_before_training(tiny_dfc: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pm = write_banded_pseudomasks(tiny_dfc, tmp_path / "pm")
+    confidence_path(pm, "ROIs0000_validation_p4").unlink()
+    forbid_fits(monkeypatch)
+    message = (rf"mask folder {pm} has confidence maps .* for only 23 of the 24 tiles of split 'validation'; "
+               r"missing: 'ROIs0000_validation_p4'")
+    with pytest.raises(DataError, match=message):
+        refine(make_cfg(tiny_dfc, pm, tmp_path / "out", iterations=1, min_confidence=0.5, **TINY_FAST))
+    assert not (tmp_path / "out" / "iter1").exists()
+
+
+def test_iteration2_trains_on_iteration1_masks_filtered_by_their_confidence(
+    tiny_dfc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pm = write_noisy_pseudomasks(tiny_dfc, tmp_path / "pm")  # no confidence/: iteration 1 keeps every pixel
+    # Pick a threshold that splits iteration 1's confidences: a first run gives them, the second run (same
+    # seed, same targets) trains iteration 1 the same way and then iteration 2 with the threshold.
+    # A few steps at a high constant rate, so that the UNet's confidences spread out (after one epoch at the
+    # default rate every pixel is near-uniform).
+    recipe = {**TINY_FAST, "epochs": 3, "lr": 0.02, "lr_schedule": "constant"}
+    refine(make_cfg(tiny_dfc, pm, tmp_path / "probe", iterations=1, **recipe))
+    reader = open_dataset("dfc2020", tiny_dfc, "validation")
+    probe_masks = tmp_path / "probe" / "iter1" / "masks"
+    probe = np.concatenate([read_confidence(confidence_path(probe_masks, t)).ravel() for t in reader.ids])
+    threshold = float(np.median(probe))
+    calls = record_fits(monkeypatch)
+    out = tmp_path / "out"
+    summary = refine(make_cfg(tiny_dfc, pm, out, iterations=2, eval_split="test", min_confidence=threshold,
+                              **recipe))
+    masks1 = out / "iter1" / "masks"
+    # Iteration 1 wrote a confidence map beside each mask, of train and eval tiles alike.
+    for folder, split in ((masks1, "validation"), (out / "iter1" / "eval_masks", "test")):
+        ids = open_dataset("dfc2020", tiny_dfc, split).ids
+        assert sorted(p.stem for p in (folder / "confidence").glob("*.tif")) == sorted(ids)
+    expected, dropped = [], 0
+    for tile_id in reader.ids:
+        mask = read_prediction_mask(masks1 / f"{tile_id}.tif")
+        filtered = drop_low_confidence(mask, read_confidence(confidence_path(masks1, tile_id)), threshold)
+        dropped += int((filtered == 255).sum())
+        expected.append(filtered)
+    total = len(reader.ids) * TILE * TILE
+    assert 0 < dropped < total, "the threshold should drop some pixels and keep others"
+    assert all(np.array_equal(a, b) for a, b in zip(calls[1]["targets"], expected, strict=True))
+    assert summary["iterations"][2]["ignored_fraction"] == pytest.approx(dropped / total)
+    # The UNet labels every pixel, so everything ignored in iteration 2 was dropped for its confidence.
+    assert summary["iterations"][2]["low_confidence_fraction"] == pytest.approx(dropped / total)
+
+
+def test_unet_confidence_is_the_softmax_probability_of_its_prediction(
+    refined: tuple[Path, dict, list], data_root: Path
+) -> None:
+    out, _, _ = refined
+    task = SegmentationTask.load_from_checkpoint(out / "iter1" / "unet.ckpt", map_location="cpu").eval()
+    reader = open_dataset("dfc2020", data_root, "validation")
+    tiles = TargetTiles(reader, None, build_transform("predict", (TILE, TILE), NO_AUGMENT), (TILE, TILE))
+    with torch.no_grad():
+        for i, tile_id in enumerate(reader.ids):
+            prob, pred = task(tiles[i]["image"][None]).softmax(dim=1).max(dim=1)  # (1, H, W) each
+            stored = read_confidence(confidence_path(out / "iter1" / "masks", tile_id))
+            assert np.abs(stored - prob[0].numpy()).max() <= 0.5 / 255 + 1e-6
+            mask = read_prediction_mask(out / "iter1" / "masks" / f"{tile_id}.tif")
+            assert np.array_equal(mask, pred[0].numpy())
+
+
+def test_changed_min_confidence_refuses_to_reuse_a_finished_iteration(
+    refined: tuple[Path, dict, list], data_root: Path, pseudomasks: Path
+) -> None:
+    out, _, _ = refined
+    before = mtimes(out)
+    with pytest.raises(ConfigError, match=r"iter1 was finished with other settings "
+                                          r"\(min_confidence: 0.0 then, 0.3 now\)"):
+        refine(make_cfg(data_root, pseudomasks, out, iterations=2, seed=10, eval_split="test",
+                        min_confidence=0.3))
+    assert mtimes(out) == before
+
+
+def test_supervised_targets_are_not_filtered_by_confidence(data_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_fits(monkeypatch)
+    summary = refine(make_cfg(data_root, None, tmp_path / "out", supervised=True, min_confidence=0.99))
+    reader = open_dataset("dfc2020", data_root, "validation")
+    ground_truth = [reader.read_mask(i) for i in range(len(reader.ids))]
+    assert all(np.array_equal(a, b) for a, b in zip(calls[0]["targets"], ground_truth, strict=True))
+    no_data = sum(int((m == 255).sum()) for m in ground_truth) / (len(ground_truth) * TILE * TILE)
+    assert summary["supervised"]["ignored_fraction"] == pytest.approx(no_data)
+    assert summary["supervised"]["low_confidence_fraction"] == 0.0
+    # The threshold does not change the supervised stage: another value reuses it.
+    forbid_fits(monkeypatch)
+    again = refine(make_cfg(data_root, None, tmp_path / "out", supervised=True, min_confidence=0.0))
+    assert again["supervised"]["resumed"]
+
+
+def test_min_confidence_and_lr_schedule_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["refine", "--datadir", "d", "--output", "o", "--min_confidence", "0.4",
+                                      "--lr_schedule", "constant"])
+    cfg = resolve_refine_config(args)
+    assert (cfg.min_confidence, cfg.lr_schedule) == (0.4, "constant")
+    cfg = resolve_refine_config(build_parser().parse_args(["refine", "--datadir", "d", "--output", "o"]))
+    assert (cfg.min_confidence, cfg.lr_schedule, cfg.epochs, cfg.lr) == (0.0, "cosine", 30, 3e-3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["refine", "--lr_schedule", "step"])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"min_confidence": 1.5}, r"min_confidence must be a number in \[0, 1\], got 1.5 \(--min_confidence\)"),
+    ({"min_confidence": -0.1}, r"min_confidence must be a number in \[0, 1\]"),
+    ({"min_confidence": float("nan")}, r"min_confidence must be a number in \[0, 1\]"),
+    ({"lr_schedule": "step"},
+     r"unknown lr_schedule 'step'; choose from \['constant', 'cosine'\] \(--lr_schedule\)"),
+])
+def test_invalid_min_confidence_or_lr_schedule(tmp_path: Path, settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        refine(make_cfg(tmp_path / "data", tmp_path / "pm", tmp_path / "out", **settings))

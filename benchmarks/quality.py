@@ -1,0 +1,195 @@
+"""Quality benchmark: every pseudomask method on the same classifiers, over several seeds, with mean and spread.
+
+Runs :func:`weakseg.pipeline.comparison.run_comparison` (what ``weakseg demo`` runs once) for each seed on the
+built-in synthetic data (256 training tiles split into 205 ``validation:train`` + 51 ``validation:holdout``, 64
+``test`` tiles of 64 x 64; data seed 0), each seed in its own process with one thread (several seeds run at
+once; the default thread count made concurrent runs 10x slower on 2 cores). Then it prints, per classifier and
+method, the mean and standard deviation over seeds of the pseudomask mIoU on the ``validation:train`` tiles (and
+on the holdout), the refined rows of each seed's best pipeline, and the checks of the class-attention issue:
+
+- class attention >= Grad-CAM + 3 mIoU on the same classifier (pruned and unpruned), predicted labels;
+- attention clustering's default assignment > the paper's rank rule;
+- refinement iteration 1 above its input masks on the pseudo-labelled tiles, and its test mIoU at least the input
+  masks' mIoU.
+
+Every table row is one checkpoint per seed (the classifier's ``best.ckpt``, chosen on the holdout's image
+labels). Usage::
+
+    python benchmarks/quality.py --seeds 0 1 2 --jobs 2 --output runs/quality
+    python benchmarks/quality.py --aggregate runs/quality   # print the table of finished seeds again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--jobs", type=int, default=2, help="seeds run at once, one thread each (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
+    p.add_argument("--output", type=Path, default=Path("runs/quality"), help="output folder")
+    p.add_argument("--vit_epochs", type=int, default=30)
+    p.add_argument("--unet_epochs", type=int, default=30)
+    p.add_argument("--iterations", type=int, default=1, help="refinement iterations of each seed's best pipeline")
+    p.add_argument("--train_tiles", type=int, default=256)
+    p.add_argument("--test_tiles", type=int, default=64)
+    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
+    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # internal: run one seed in this process
+    return p
+
+
+def run_one_seed(args: argparse.Namespace) -> None:
+    """One seed, in this process (called through a subprocess by :func:`main`)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from weakseg.cli import setup_logging
+    from weakseg.pipeline.comparison import ComparisonConfig, run_comparison
+
+    setup_logging(quiet=True)
+    seed = args.seed_run
+    out = args.output / f"seed{seed}"
+    cfg = ComparisonConfig(datadir=str(args.output / "data"), output_dir=str(out), seed=seed,
+                           vit_epochs=args.vit_epochs, unet_epochs=args.unet_epochs, iterations=args.iterations)
+    run_comparison(cfg, progress=lambda line: print(f"[seed {seed}] {line}", flush=True))
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    sd = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:5.1f} ± {sd:4.1f}"
+
+
+def aggregate(folder: Path) -> str:
+    """The table over every ``seed*/results.json`` in ``folder``, and the issue's checks."""
+    results = {int(p.parent.name[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("seed*/results.json"))}
+    if not results:
+        raise SystemExit(f"no finished seed in {folder}")
+    seeds = sorted(results)
+    keys: list[tuple[str, str]] = []
+    labels: dict[tuple[str, str], tuple[str, str]] = {}
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for seed in seeds:
+        for r in results[seed]["rows"]:
+            if r["method"].startswith(("refined", "supervised")):
+                continue
+            key = (r["classifier"], r["method"])
+            if key not in values:
+                keys.append(key)
+                labels[key] = (r["classifier_label"], r["label"])
+                values[key] = {"train": [], "holdout": []}
+            values[key]["train"].append(r["train"]["miou"])
+            values[key]["holdout"].append(r["holdout"]["miou"])
+    lines = [f"mIoU (%) over seeds {seeds}: mean ± standard deviation; predicted labels; pseudomasks of the "
+             "'validation:train' tiles, and of the 'validation:holdout' tiles",
+             "", f"{'classifier':<24} {'method':<42} {'train tiles':>13} {'holdout':>13}", "-" * 95]
+    for key in keys:
+        clf, method = labels[key]
+        lines.append(f"{clf:<24} {method:<42} {_mean_sd(values[key]['train']):>13} "
+                     f"{_mean_sd(values[key]['holdout']):>13}")
+
+    def diffs(classifier: str, a: str, b: str) -> list[float]:
+        out = []
+        for seed in seeds:
+            rows = {(r["classifier"], r["method"]): r for r in results[seed]["rows"]}
+            if (classifier, a) in rows and (classifier, b) in rows:
+                out.append(rows[(classifier, a)]["train"]["miou"] - rows[(classifier, b)]["train"]["miou"])
+        return out
+
+    lines += ["", "checks of the class-attention issue (train tiles, mean over seeds):"]
+    for clf in ("class_tokens_pruned", "class_tokens_unpruned"):
+        d = diffs(clf, "class_attention", "gradcam")
+        if d:
+            ok = statistics.fmean(d) >= 0.03
+            lines.append(f"  {clf}: class attention - Grad-CAM = {_mean_sd(d)} mIoU (need >= +3.0): "
+                         f"{'PASS' if ok else 'FAIL'}")
+    for clf in ("vit_pruned", "vit_unpruned"):
+        d = diffs(clf, "attention", "attention_rank")
+        if d:
+            ok = statistics.fmean(d) > 0
+            lines.append(f"  {clf}: attention default rule - rank rule = {_mean_sd(d)} mIoU (need > 0): "
+                         f"{'PASS' if ok else 'FAIL'}")
+    lines += ["", "refinement of each seed's best pipeline (chosen on the holdout):",
+              f"  {'seed':<5} {'pipeline':<62} {'input':>6} {'iter 1':>7} {'test':>6}"]
+    gains, test_gaps = [], []
+    for seed in seeds:
+        res = results[seed]
+        best = res["best"]
+        input_row = next(r for r in res["rows"] if r["classifier"] == best["classifier"]
+                         and r["method"] == best["method"])
+        it1 = next((r for r in res["rows"] if r["method"] == "refined_1"), None)
+        if it1 is None:
+            continue
+        gains.append(it1["train"]["miou"] - input_row["train"]["miou"])
+        test_gaps.append(it1["test"]["miou"] - input_row["train"]["miou"])
+        lines.append(f"  {seed:<5} {best['label']:<62} {100 * input_row['train']['miou']:6.1f} "
+                     f"{100 * it1['train']['miou']:7.1f} {100 * it1['test']['miou']:6.1f}")
+    if gains:
+        lines.append(f"  iteration 1 - input masks on the train tiles: {_mean_sd(gains)} (need > 0): "
+                     f"{'PASS' if statistics.fmean(gains) > 0 else 'FAIL'}")
+        lines.append(f"  iteration 1 test mIoU - input masks' mIoU: {_mean_sd(test_gaps)} (need >= 0): "
+                     f"{'PASS' if statistics.fmean(test_gaps) >= 0 else 'FAIL'}")
+    sup = [r for seed in seeds for r in results[seed]["rows"] if r["method"] == "supervised"]
+    if sup:
+        lines.append(f"  supervised UNet (upper bound): train tiles {_mean_sd([r['train']['miou'] for r in sup])}, "
+                     f"test {_mean_sd([r['test']['miou'] for r in sup])}")
+    seconds = [results[s]["seconds"] for s in seeds]
+    lines.append(f"\nseconds per seed: {', '.join(f'{s:.0f}' for s in seconds)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    if args.seed_run is not None:
+        run_one_seed(args)
+        return
+    if args.aggregate is not None:
+        print(aggregate(args.aggregate))
+        return
+    from weakseg.data.synthetic import generate_synthetic_dfc2020
+
+    t0 = time.time()
+    args.output.mkdir(parents=True, exist_ok=True)
+    generate_synthetic_dfc2020(args.output / "data", {"validation": args.train_tiles, "test": args.test_tiles},
+                               tile_size=64, seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    base = [sys.executable, __file__, "--output", str(args.output), "--threads", str(args.threads),
+            "--vit_epochs", str(args.vit_epochs), "--unet_epochs", str(args.unet_epochs),
+            "--iterations", str(args.iterations)]
+    pending = list(args.seeds)
+    running: list[tuple[int, subprocess.Popen[bytes]]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            print(f"[{time.time() - t0:5.0f}s] seed {seed} started", flush=True)
+            running.append((seed, subprocess.Popen([*base, "--seed-run", str(seed)], env=env)))
+        time.sleep(2)
+        for seed, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((seed, proc))
+                print(f"[{time.time() - t0:5.0f}s] seed {seed} finished (exit {proc.returncode})", flush=True)
+                if proc.returncode:
+                    failed.append(seed)
+    table = aggregate(args.output)
+    print("\n" + table)
+    print(f"total {time.time() - t0:.0f}s")
+    (args.output / "quality.txt").write_text(table + "\n")
+    if failed:
+        raise SystemExit(f"seeds {failed} failed")
+
+
+if __name__ == "__main__":
+    main()

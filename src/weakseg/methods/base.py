@@ -1,0 +1,151 @@
+"""The plug-in contract of pseudomask methods.
+
+A method is a class with a ``name``, the classifier architectures it can read (``architectures``; the one to
+train for it is ``trains``, i.e. ``weakseg train --arch <trains>``), an ``Options`` dataclass (its settings, which
+become ``weakseg pseudomasks`` flags) and one call:
+
+    method.pseudomasks(model, images, probs, label_sets, out_size) -> PseudomaskResult
+
+The pipeline (:mod:`weakseg.pipeline.pseudomasks`) loads the classifier, computes probabilities and label sets,
+calls the method per batch, and writes masks, confidence and the manifest; it does not know any method. Adding a
+method is one module plus one line in :data:`weakseg.methods.METHODS`.
+
+Methods whose evidence is one map per class derive from :class:`ClassMapMethod` and only implement
+:meth:`ClassMapMethod.class_maps`; the masks then come from the shared rules of :mod:`weakseg.masks.rules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from weakseg.errors import ConfigError
+from weakseg.masks.result import PseudomaskResult
+from weakseg.masks.rules import MASK_RULES, NORMALIZATIONS, class_maps_to_masks
+from weakseg.models.architectures import ARCHITECTURES, architecture_of
+from weakseg.models.vit import GatedViT
+
+
+def option(default: Any, help: str, choices: Iterable[Any] | None = None) -> Any:
+    """A method option: a dataclass field whose metadata becomes a ``weakseg pseudomasks`` flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A method without settings."""
+
+
+class PseudomaskMethod(ABC):
+    """Base of every pseudomask method (module docstring).
+
+    Class attributes:
+        name: the ``--method`` value.
+        summary: one line for ``--help``.
+        architectures: classifier architectures (:mod:`weakseg.models.architectures`) the method can read.
+        trains: the architecture to train for this method.
+        needs_grad: the method differentiates the classifier (the pipeline then runs with autograd enabled).
+        Options: dataclass of the method's settings (fields made with :func:`option`).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]] = tuple(ARCHITECTURES)
+    trains: ClassVar[str] = "vit"
+    needs_grad: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either an Options instance or keyword options, not both")
+        self.options = options if options is not None else self.Options(**kwargs)
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Raise :class:`ConfigError` for an option value outside its choices."""
+        for f in dataclasses.fields(self.options):
+            choices = f.metadata.get("choices")
+            value = getattr(self.options, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name} {value!r} is not valid for --method {self.name}; choose from {list(choices)}")
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    def check_model(self, model: GatedViT, checkpoint: str | Path) -> None:
+        """Refuse a classifier this method cannot read, naming the checkpoint and the ``--arch`` to train."""
+        arch = architecture_of(model.cfg)
+        if arch not in self.architectures:
+            raise ConfigError(
+                f"--method {self.name} needs a classifier with architecture {' or '.join(self.architectures)}, "
+                f"but checkpoint {checkpoint} is a {arch!r} classifier ({model.num_class_tokens} class token(s) "
+                f"for {model.cfg.num_classes} classes); train one with `weakseg train --arch {self.trains}`"
+            )
+
+    @abstractmethod
+    def pseudomasks(
+        self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
+    ) -> PseudomaskResult:
+        """Masks of a batch.
+
+        Args:
+            model: the classifier, in eval mode.
+            images: (B, C_in, H_in, W_in) model inputs.
+            probs: (B, C) class probabilities of the same images.
+            label_sets: (B, C) bool, the classes each mask may contain (predicted or oracle).
+            out_size: (H, W) of the masks (the tiles' size).
+        """
+
+
+@dataclasses.dataclass
+class ClassMapOptions:
+    """Settings shared by methods that produce one map per class."""
+
+    rule: str = option("argmax", "maps -> mask: argmax among the image's labels, or each label's map above its "
+                                 "own mean painted in ascending probability (TokenMasking-WSSS)", MASK_RULES)
+    normalize: str = option("max", "per-class normalisation before the argmax: max, or minmax", NORMALIZATIONS)
+
+
+class ClassMapMethod(PseudomaskMethod):
+    """A method whose evidence is one non-negative map per class, turned into masks by :mod:`weakseg.masks.rules`."""
+
+    Options: ClassVar[type] = ClassMapOptions
+    #: Reason token of images with two or more labels, and prefix of a label whose map is flat.
+    multi_reason: ClassVar[str] = "map_argmax"
+    empty_reason: ClassVar[str] = "empty_map"
+
+    @abstractmethod
+    def class_maps(self, model: GatedViT, images: Tensor, label_sets: Tensor) -> Tensor:
+        """(B, C, h, w) non-negative maps; only the classes in ``label_sets`` need to be meaningful."""
+
+    def pseudomasks(
+        self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
+    ) -> PseudomaskResult:
+        maps = self.class_maps(model, images, label_sets)
+        return class_maps_to_masks(
+            maps, probs, label_sets, out_size, rule=self.options.rule, normalize=self.options.normalize,
+            multi_reason=self.multi_reason if self.options.rule == "argmax" else "map_threshold",
+            empty_reason=self.empty_reason,
+        )
+
+
+def parse_blocks(spec: str, depth: int) -> list[int]:
+    """Block indices from ``"all"``, ``"last"`` or a comma list such as ``"0,-1"`` (negative = from the end)."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(depth))
+    if spec == "last":
+        return [depth - 1]
+    try:
+        blocks = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--blocks must be 'all', 'last' or comma-separated block indices, got {spec!r}") from None
+    bad = [b for b in blocks if not -depth <= b < depth]
+    if not blocks or bad:
+        raise ConfigError(f"--blocks {spec!r}: the model has blocks 0..{depth - 1} (or -1..-{depth})")
+    return sorted({b % depth for b in blocks})

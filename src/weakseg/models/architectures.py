@@ -1,0 +1,87 @@
+"""Classifier architectures: which prefix tokens and head a :class:`~weakseg.models.vit.GatedViT` gets, and the
+training terms that go with them. ``weakseg train --arch NAME`` picks one; every pseudomask method says which
+architectures it works on (:mod:`weakseg.methods`).
+
+- ``vit``: one CLS token and a linear head on it, the classifier of the sparse multimodal ViT (Hanna, Mommert and
+  Borth, CVPRW 2023). Attention clustering and Grad-CAM read it.
+- ``class_tokens``: one class token per class plus one register token, class c's logit from token c, and random
+  masking of absent classes' token outputs in training (class-specific token masking: Hanna and Borth, "Know Your
+  Attention Maps: Class-specific Token Masking for Weakly Supervised Semantic Segmentation", ICCV 2025,
+  ``token_masking.md``). Class-attention pseudomasks read token c's attention as the map of class c.
+
+**Head of ``class_tokens``.** The released TokenMasking-WSSS code flattens all C class-token outputs into one
+``Linear(C * D, C)``, so every logit sees every token and only the masking of absent tokens ties token c to class
+c. weakseg's default is the ``per_class`` head (``logit_c = <w_c, z_c> + b_c``): the tie is built in, token c's
+attention is by construction what class c's score is computed from, and the head has C * D weights instead of
+C^2 * D. ``--class_token_head flatten`` gives the released head. Measured on the built-in data: see the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from weakseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How an architecture configures the backbone and its training.
+
+    Attributes:
+        name: the ``--arch`` value.
+        summary: one line for ``--help`` and error messages.
+        class_tokens: one class token per class (else one CLS token).
+        head_type: default :attr:`~weakseg.models.vit.ViTConfig.head_type`.
+        num_register_tokens: default register tokens.
+        token_mask_rate: default probability of masking an absent class's token output in training.
+    """
+
+    name: str
+    summary: str
+    class_tokens: bool
+    head_type: str
+    num_register_tokens: int
+    token_mask_rate: float
+
+    def model_fields(
+        self, num_classes: int, head_type: str | None = None, num_register_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """The :class:`~weakseg.models.vit.ViTConfig` fields this architecture sets."""
+        head = head_type or self.head_type
+        if not self.class_tokens and head != "pooled":
+            raise ConfigError(
+                f"--class_token_head {head} needs --arch class_tokens (--arch {self.name} has one CLS token)"
+            )
+        return {
+            "num_cls_tokens": num_classes if self.class_tokens else 1,
+            "head_type": head,
+            "num_register_tokens": self.num_register_tokens if num_register_tokens is None else num_register_tokens,
+        }
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "vit": Architecture(
+        name="vit",
+        summary="one CLS token, linear head (sparse multimodal ViT, Hanna et al. CVPRW 2023)",
+        class_tokens=False, head_type="pooled", num_register_tokens=0, token_mask_rate=0.0,
+    ),
+    "class_tokens": Architecture(
+        name="class_tokens",
+        summary="one class token per class + 1 register, logit c from token c, absent-class token masking "
+                "(Hanna & Borth, ICCV 2025)",
+        class_tokens=True, head_type="per_class", num_register_tokens=1, token_mask_rate=0.5,
+    ),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The architecture called ``name``; a :class:`ConfigError` lists the valid names otherwise."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r} (--arch); choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def architecture_of(model_config: Any) -> str:
+    """The architecture name a :class:`~weakseg.models.vit.ViTConfig` corresponds to."""
+    return "class_tokens" if model_config.has_class_tokens else "vit"
