@@ -28,7 +28,11 @@ def test_vit_fields_one_cls_token_pooled_head() -> None:
 
 def test_class_token_fields_one_token_per_class_a_register_and_the_per_class_head() -> None:
     arch = get_architecture("class_tokens")
-    assert arch.token_mask_rate == 0.5 and arch.class_tokens
+    assert arch.class_tokens
+    # Masking is the released head's way to tie token c to class c; the per-class head has the tie built in.
+    assert arch.default_token_mask_rate() == 0.0 and arch.default_token_mask_rate("per_class") == 0.0
+    assert arch.default_token_mask_rate("flatten") == 0.5
+    assert get_architecture("vit").default_token_mask_rate() == 0.0
     fields = arch.model_fields(num_classes=5)
     assert fields == {"num_cls_tokens": 5, "head_type": "per_class", "num_register_tokens": 1}
     cfg = ViTConfig(**fields, num_classes=5)

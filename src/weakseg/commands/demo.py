@@ -91,9 +91,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", results)
     best = results["best"]
-    print(f"\nbest pipeline: {best['label']}; run it on your data with `weakseg train --arch "
-          f"{_arch_of(results, best['classifier'])}` then `weakseg pseudomasks --method "
-          f"{_method_of(results, best)}` and `weakseg refine`")
+    print(f"\nbest pipeline: {best['label']}. On your data: `weakseg train {_train_flags(results, best)}`, then "
+          f"`weakseg pseudomasks --method {_method_of(results, best)}`, then `weakseg refine --model_checkpoint ...`")
     print(f"figures: {', '.join(str(f) for f in figures)}")
     print(f"results: {out / 'results.json'}  (total {time.time() - t0:.0f}s)")
     return results
@@ -101,6 +100,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _arch_of(results: dict[str, Any], classifier: str) -> str:
     return str(results["classifiers"][classifier].get("arch", "vit"))
+
+
+def _train_flags(results: dict[str, Any], best: dict[str, Any]) -> str:
+    """The ``weakseg train`` flags of the best pipeline's classifier (architecture and pruning recipe)."""
+    from weakseg.pipeline.comparison import CLASSIFIERS, DEMO_PRUNING
+
+    spec = next(c for c in CLASSIFIERS if c.name == best["classifier"])
+    flags = [f"--arch {spec.arch}"]
+    if spec.prune:
+        flags.append("--prune")
+        flags += [f"--{k}" if v is True else f"--{k} {v:g}" for k, v in DEMO_PRUNING.items()]
+    return " ".join(flags)
 
 
 def _method_of(results: dict[str, Any], best: dict[str, Any]) -> str:
@@ -137,19 +148,20 @@ def write_figures(out: Path, data: Path, results: dict[str, Any], cfg: DemoConfi
     picks = (picks or list(range(len(reader))))[: cfg.figure_tiles]
     best = results["best"]
     columns: dict[str, Path] = {}
+    best_clf = best["classifier"].replace("class_tokens", "class tokens").replace("vit", "ViT").replace("_", ", ")
     for title, classifier, method in (
-        ("Grad-CAM", best["classifier"], "gradcam"),
-        ("attention, rank rule", "vit_pruned", "attention_rank"),
-        ("attention, default rule", "vit_pruned", "attention"),
-        ("class attention", "class_tokens_unpruned", "class_attention"),
-        ("best: " + best["method"].replace("_", " "), best["classifier"], best["method"]),
+        (f"Grad-CAM\n({best_clf})", best["classifier"], "gradcam"),
+        ("attention, rank rule\n(ViT, pruned)", "vit_pruned", "attention_rank"),
+        ("attention, default\n(ViT, pruned)", "vit_pruned", "attention"),
+        ("class attention\n(class tokens, unpruned)", "class_tokens_unpruned", "class_attention"),
+        (f"best: {best['method'].replace('_', ' ')}\n({best_clf})", best["classifier"], best["method"]),
     ):
         row = _row(results, classifier, method)
         if row is not None and title not in columns and Path(row["masks"]) not in columns.values():
             columns[title] = Path(row["masks"])
     refined = [r for r in results["rows"] if r["method"].startswith("refined")]
     if refined:
-        columns[refined[-1]["label"]] = Path(refined[-1]["masks"])
+        columns[f"{refined[-1]['label']}\n(of the best)"] = Path(refined[-1]["masks"])
     rows = []
     for i in picks:
         tid = reader.ids[i]

@@ -7,7 +7,9 @@ for a few epochs, twice. Example (after ``weakseg pseudomasks --output runs/pm``
         --model_checkpoint runs/train/checkpoints/best.ckpt
 
 ``--model_checkpoint`` takes the classifier's input settings (dataset, modality, normalisation, band
-statistics) so the UNet sees the inputs the ViT saw; flags given explicitly win. ``--min_confidence`` makes
+statistics) so the UNet sees the inputs the ViT saw (flags given explicitly win), and its image-label
+probabilities: every UNet prediction is weighted by them (``--no-label_weighting`` for the UNet alone), the
+held-out split is also scored with the UNet alone. ``--min_confidence`` makes
 the loss ignore target pixels whose confidence (``<pseudomasks>/confidence/<id>.tif``, then each iteration's
 own softmax probability) is below it. ``--supervised`` trains the same UNet on the ground-truth masks instead
 (the fully supervised upper bound) into ``<output>/supervised``. Outputs: ``<output>/iter{i}/masks/<id>.tif``
@@ -53,7 +55,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--pseudomasks", help="iteration-0 mask folder (weakseg pseudomasks --output)")
     p.add_argument("--output", help="output folder")
     p.add_argument("--model_checkpoint", type=Path,
-                   help="classifier checkpoint whose data settings (modality, normalisation, stats) to reuse")
+                   help="the classifier that made the pseudomasks: its data settings (modality, normalisation, "
+                        "stats) and image-label probabilities are used")
+    p.add_argument("--label_weighting", action=bool_flag,
+                   help="weight the UNet's class probabilities by the classifier's image-label probabilities "
+                        "(default on when --model_checkpoint is given)")
     p.add_argument("--split", help="pseudo-labelled split to train on (default: validation)")
     p.add_argument("--eval_split", help="held-out split to predict and score after each iteration (test)")
     p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: dfc2020)")
@@ -104,7 +110,7 @@ def resolve_refine_config(args: argparse.Namespace) -> RefineConfig:
     if flags.get("eval_split") in ("none", "None", ""):
         flags["eval_split"] = None
     checkpoint = getattr(args, "model_checkpoint", None)
-    checkpoint_layer = checkpoint_data_settings(checkpoint) if checkpoint else {}
+    checkpoint_layer = {**checkpoint_data_settings(checkpoint), "classifier": str(checkpoint)} if checkpoint else {}
     config_file = getattr(args, "config", None)
     yaml_layer = load_yaml(config_file) if config_file else {}
     base = {"datadir": None, "pseudomasks": None, "output_dir": None}

@@ -60,7 +60,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "(as released with TokenMasking-WSSS)")
     g.add_argument("--num_register_tokens", type=int, help="register tokens (default: class_tokens 1, vit 0)")
     g.add_argument("--token_mask_rate", type=float,
-                   help="class_tokens: probability of masking an absent class's token in training (default 0.5)")
+                   help="class_tokens: probability of masking an absent class's token in training (default: 0 with "
+                        "the per_class head, 0.5 with the flatten head as the paper)")
     g.add_argument("--diversity_weight", type=float, help="class_tokens: weight of the class-map diversity loss (0)")
     g.add_argument("--final_norm", action=bool_flag, help="LayerNorm before the head (default on)")
     g.add_argument("--patch_size", type=int)

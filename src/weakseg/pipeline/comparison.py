@@ -13,6 +13,10 @@ The rules it follows (the README's "Results" section shows its table):
 - **One checkpoint per row.** The macro F1 and heads pruned of a row are those of the checkpoint whose masks the
   row scores (:func:`weakseg.pipeline.train.describe_checkpoint`), not of the last epoch.
 - **Predicted labels.** Every row uses the classifier's predicted image labels (``p > 0.5``), as a user would.
+- **Refinement** trains the UNet on the best pipeline's masks of the ``validation:train`` tiles; its predictions
+  are weighted by that classifier's image-label probabilities (:mod:`weakseg.pipeline.refine`), on the training
+  tiles (the next pseudomasks) and on ``test`` (classifier + UNet, as on new tiles); ``test`` is also scored with
+  the UNet alone. The supervised upper bound is scored the same two ways.
 
 Outputs under ``output_dir``: ``classifiers/<name>/`` (runs), ``pseudomasks/<name>/<method>_{train,holdout}/``,
 ``refine/`` (best pipeline), ``supervised/`` (upper bound), ``results.json`` and ``results.txt``.
@@ -219,7 +223,8 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
                 "classifier": chosen["classifier"], "classifier_label": chosen["classifier_label"],
                 "method": f"refined_{it['iteration']}", "label": f"refined, iteration {it['iteration']}",
                 "floor": False, "masks": it["masks"], "train": it.get("train_scores"), "holdout": None,
-                "test": it.get("eval_scores"), "ignored_fraction": it.get("ignored_fraction"),
+                "test": it.get("eval_scores"), "test_unet_alone": it.get("eval_unet_alone_scores"),
+                "ignored_fraction": it.get("ignored_fraction"),
                 "macro_f1": chosen["macro_f1"], "epoch": chosen["epoch"], "pruned": chosen["pruned"],
             })
     supervised = None
@@ -230,7 +235,9 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
         rows.append({"classifier": "", "classifier_label": "", "method": "supervised",
                      "label": "supervised UNet (upper bound)", "floor": False, "masks": supervised["masks"],
                      "train": supervised.get("train_scores"), "holdout": None,
-                     "test": supervised.get("eval_scores"), "macro_f1": None, "epoch": None, "pruned": ""})
+                     "test": supervised.get("eval_scores"),
+                     "test_unet_alone": supervised.get("eval_unet_alone_scores"), "macro_f1": None, "epoch": None,
+                     "pruned": ""})
 
     from weakseg.pipeline.tables import format_comparison_table
 
@@ -243,9 +250,10 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
 
 
 def _data_settings(checkpoint: Path) -> dict[str, Any]:
-    """The classifier's input settings for the UNet (modality, normalisation, band statistics)."""
+    """The classifier for the UNet: its input settings (modality, normalisation, band statistics) and itself (the
+    image-label probabilities that weight the UNet's predictions)."""
     from weakseg.tasks.classification import load_classifier
 
     data = dict(load_classifier(checkpoint).hparams["data_config"])
     return {"modality": data["modality"], "normalization": data["normalization"],
-            "band_stats": data.get("band_stats")}
+            "band_stats": data.get("band_stats"), "classifier": str(checkpoint)}

@@ -34,6 +34,8 @@ class MaskFolderWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.out_dir: Path | None = None
         self.reader: Any = None
+        #: Optional folder for ``pred_alone`` (the UNet's own argmax when predictions are label-weighted).
+        self.alone_dir: Path | None = None
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
@@ -47,6 +49,10 @@ class MaskFolderWriter(BasePredictionWriter):
             source = self.reader.source_path(index)
             write_mask_geotiff(self.out_dir / f"{tile_id}.tif", mask, source)
             write_confidence_geotiff(confidence_path(self.out_dir, tile_id), prob, source)
+        if self.alone_dir is not None and "pred_alone" in prediction:
+            alone = prediction["pred_alone"].cpu().numpy()  # (B, H, W) uint8
+            for tile_id, index, mask in zip(prediction["id"], batch["index"].tolist(), alone, strict=True):
+                write_mask_geotiff(self.alone_dir / f"{tile_id}.tif", mask, self.reader.source_path(index))
 
 
 def clear_mask_folder(folder: Path) -> None:

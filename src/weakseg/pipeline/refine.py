@@ -18,6 +18,15 @@ the held-out ``eval_split``. Inputs are normalised like the classifier's (its ch
 so the UNet sees what the ViT saw. There is no validation loop: choosing epochs on ground truth would be
 model selection with labels that weak supervision does not have.
 
+**Image labels.** The tiles a UNet predicts have image labels: the classifier that made the pseudomasks
+(``classifier``, the ``--model_checkpoint``) gives each tile a probability per class. With ``label_weighting``
+(the default when a classifier is given) every prediction is ``argmax_c softmax_c(UNet) * p_c(classifier)``:
+the UNet says where, the classifier which classes. A UNet alone mislabels whole regions with look-alike classes
+the tile does not contain (measured on the demo's data: 55.6 mIoU on the pseudo-labelled tiles alone, 64.5
+weighted, from 58.4 mIoU input masks), and it learns the masks' errors; weighting is what makes the next
+pseudomasks better than the input. The held-out split is predicted the same way (the pipeline a user runs on
+new tiles: classifier + UNet), and the UNet alone is scored too (``eval_unet_alone``), so both are reported.
+
 **Confidence.** Target pixels whose confidence is below ``min_confidence`` are set to 255, so the loss ignores
 them (:func:`weakseg.data.targets.load_targets`). Iteration 1 reads ``<pseudomasks>/confidence/<id>.tif``
 (written by ``weakseg pseudomasks``; a folder without ``confidence/`` counts every pixel as confident), and
@@ -31,6 +40,7 @@ unfiltered. Each stage reports the fraction of target pixels the loss ignored. L
     iter{i}/masks/<id>.tif                 predictions on ``split``: the pseudomasks of iteration i
     iter{i}/masks/confidence/<id>.tif      their confidence (softmax probability of the class, x 255)
     iter{i}/eval_masks/<id>.tif            predictions on ``eval_split`` (and ``confidence/``)
+    iter{i}/eval_unet_alone/<id>.tif       the UNet's own argmax on ``eval_split`` (with label weighting)
     iter{i}/scores.json                    {"train_tiles": ..., "eval_split": ...} (evaluate_folder results)
     iter{i}/unet.ckpt                      the UNet, weights only (SegmentationTask.load_from_checkpoint)
     iter{i}/metrics.csv                    training loss per step and epoch (CSVLogger)
@@ -58,6 +68,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -92,6 +104,8 @@ SCORES_FILE = "scores.json"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "unet.ckpt"
 SUPERVISED_DIR = "supervised"
+#: Folder of a stage with the UNet's own argmax on the eval split (when predictions are label-weighted).
+ALONE_DIR = "eval_unet_alone"
 #: Score keys copied into the summary (the full evaluate_folder results stay in each stage's scores.json).
 SUMMARY_SCORE_KEYS = ("miou", "oa", "aa", "coverage")
 #: Cache the scaled training tiles in memory (DFC2020 reader, no workers) when they take less than this.
@@ -139,6 +153,9 @@ class RefineConfig:
         augment: joint random flips and 90-degree rotations of image and mask while training.
         min_confidence: in [0, 1]; target pixels whose confidence is below it become 255 (ignored by the
             loss), in every iteration; not applied to the supervised run's ground truth.
+        classifier: the classifier checkpoint that made the pseudomasks (image-label probabilities).
+        label_weighting: weight the UNet's class probabilities by the classifier's (module docstring); needs
+            ``classifier``.
     """
 
     datadir: str
@@ -163,6 +180,8 @@ class RefineConfig:
     supervised: bool = False
     augment: bool = True
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    classifier: str | None = None
+    label_weighting: bool = True
 
 
 def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int, tuple[int, int]]:
@@ -245,6 +264,7 @@ class _Context:
             "normalization": cfg.normalization, "band_stats": band_stats,
             "augmentations": ["fliprot"] if cfg.augment else [],
         }
+        self._label_probs: dict[str, dict[str, np.ndarray]] = {}
 
     def _open(self, split: str, cache: bool) -> Any:
         """A reader of ``split``; the DFC2020 reader keeps small training splits in memory across epochs."""
@@ -266,6 +286,19 @@ class _Context:
     def fingerprint(self, supervised: bool) -> dict[str, Any]:
         return stage_fingerprint(self.cfg, self.band_stats, supervised)
 
+    @property
+    def weighted(self) -> bool:
+        return bool(self.cfg.label_weighting and self.cfg.classifier)
+
+    def label_probabilities(self, eval_split: bool) -> dict[str, np.ndarray]:
+        """The classifier's class probabilities of every tile of the split, by tile id (computed once)."""
+        key = "eval" if eval_split else "train"
+        if key not in self._label_probs:
+            split = self.cfg.eval_split if eval_split else self.cfg.split
+            self._label_probs[key] = classifier_probabilities(Path(str(self.cfg.classifier)), self.cfg.dataset,
+                                                              self.cfg.datadir, str(split))
+        return self._label_probs[key]
+
     def load_targets(self, folder: Path) -> TargetMasks:
         """The masks of ``folder`` for the training split, with low-confidence pixels set to 255."""
         cfg = self.cfg
@@ -276,6 +309,48 @@ class _Context:
         size = self.eval_tile_size if eval_split else self.tile_size
         tiles = TargetTiles(reader, None, build_transform("predict", size, self.data_config), size)
         return DataLoader(tiles, batch_size=2 * self.cfg.batch_size, num_workers=self.cfg.num_workers)
+
+
+@torch.no_grad()
+def classifier_probabilities(checkpoint: Path, dataset: str, datadir: str, split: str,
+                             batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Sigmoid class probabilities of a classifier for every tile of ``split``, with its own input settings."""
+    from weakseg.tasks.classification import load_classifier
+
+    task = load_classifier(checkpoint)
+    model = task.model.eval()
+    data_cfg = dict(task.hparams.get("data_config") or {})
+    reader = open_dataset(dataset, datadir, split, modality=data_cfg.get("modality", "s2"),
+                          transform=build_transform("predict", task.model_config.img_size, data_cfg))
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, len(reader), batch_size):
+        indices = range(start, min(len(reader), start + batch_size))
+        images = torch.stack([reader[i]["image"] for i in indices])
+        probs = model(images).sigmoid().numpy()  # (b, C)
+        out.update({reader.ids[i]: p for i, p in zip(indices, probs, strict=True)})
+    return out
+
+
+class LabelWeightedSegmenter(L.LightningModule):
+    """Prediction of a UNet weighted by the classifier's image-label probabilities (module docstring).
+
+    ``pred`` = argmax of ``softmax(UNet) * p`` with ``prob`` its share of the weighted sum (the confidence of the
+    next iteration), and ``pred_alone`` = the UNet's own argmax.
+    """
+
+    def __init__(self, task: SegmentationTask, label_probs: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.task = task
+        self.label_probs = label_probs
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        soft = self.task(batch["image"]).softmax(dim=1)  # (B, K, H, W)
+        probs = torch.as_tensor(np.stack([self.label_probs[i] for i in batch["id"]]), device=soft.device)  # (B, K)
+        weighted = soft * probs[:, :, None, None].to(soft.dtype)
+        value, pred = weighted.max(dim=1)  # (B, H, W)
+        share = value / weighted.sum(dim=1).clamp_min(1e-12)
+        return {"id": batch["id"], "pred": pred.to(torch.uint8), "prob": share.float(),
+                "pred_alone": soft.argmax(dim=1).to(torch.uint8)}
 
 
 def _score_summary(scores: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -293,22 +368,31 @@ def _fit(task: SegmentationTask, trainer: L.Trainer, loader: DataLoader) -> None
 
 def _predict_into(ctx: _Context, trainer: L.Trainer, writer: MaskFolderWriter, task: SegmentationTask,
                   folder: Path, eval_split: bool) -> None:
+    """Predict the split into ``folder`` (weighted by the image labels when configured; for the eval split the
+    UNet's own argmax also goes to ``<stage>/eval_unet_alone``)."""
+    alone = folder.parent / ALONE_DIR if (eval_split and ctx.weighted) else None
     folder.mkdir(parents=True, exist_ok=True)
     if _is_rank_zero():
         clear_mask_folder(folder)
+        if alone is not None:
+            alone.mkdir(parents=True, exist_ok=True)
+            clear_mask_folder(alone)
     trainer.strategy.barrier()  # no rank writes before the old masks are gone
-    writer.out_dir, writer.reader = folder, ctx.eval_reader if eval_split else ctx.train_reader
-    trainer.predict(task, dataloaders=ctx.predict_loader(eval_split), return_predictions=False)
+    writer.out_dir, writer.reader, writer.alone_dir = folder, ctx.eval_reader if eval_split else ctx.train_reader, alone
+    module: L.LightningModule = LabelWeightedSegmenter(task, ctx.label_probabilities(eval_split)) if ctx.weighted else task
+    trainer.predict(module, dataloaders=ctx.predict_loader(eval_split), return_predictions=False)
     trainer.strategy.barrier()  # every rank's masks are on disk before anyone reads or scores them
 
 
 def _score_stage(ctx: _Context, stage_dir: Path) -> dict[str, Any]:
     """evaluate_folder on the stage's train-tile masks and eval-split masks, where ground truth exists."""
     train_scores = evaluate_folder(stage_dir / "masks", ctx.train_reader) if ctx.has_gt else None
-    eval_scores = None
+    eval_scores = alone_scores = None
     if ctx.eval_has_gt and (stage_dir / "eval_masks").is_dir():
         eval_scores = evaluate_folder(stage_dir / "eval_masks", ctx.eval_reader)
-    return {"train_tiles": train_scores, "eval_split": eval_scores}
+        if ctx.weighted and (stage_dir / ALONE_DIR).is_dir():
+            alone_scores = evaluate_folder(stage_dir / ALONE_DIR, ctx.eval_reader)
+    return {"train_tiles": train_scores, "eval_split": eval_scores, "eval_unet_alone": alone_scores}
 
 
 def _log_targets(stage: str, targets: TargetMasks, min_confidence: float | None) -> None:
@@ -405,6 +489,7 @@ def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: d
         "eval_masks": str(eval_masks) if eval_masks is not None and eval_masks.is_dir() else None,
         "train_scores": _score_summary(scores.get("train_tiles")),
         "eval_scores": _score_summary(scores.get("eval_split")),
+        "eval_unet_alone_scores": _score_summary(scores.get("eval_unet_alone")),
         "train_loss": done.get("train_loss"),
         "train_seconds": done.get("train_seconds"),
         "predict_seconds": done.get("predict_seconds"),
@@ -432,6 +517,8 @@ def _validate(cfg: RefineConfig) -> None:
     confidence = cfg.min_confidence
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
         raise ConfigError(f"min_confidence must be a number in [0, 1], got {confidence!r} (--min_confidence)")
+    if cfg.classifier is not None and not Path(cfg.classifier).is_file():
+        raise ConfigError(f"classifier checkpoint {cfg.classifier} does not exist (--model_checkpoint)")
     if not cfg.widths or any(int(w) <= 0 for w in cfg.widths):
         raise ConfigError(f"UNet widths must be positive integers, got {list(cfg.widths)} (--widths)")
     if cfg.normalization not in NORMALIZATION_MODES:

@@ -28,7 +28,8 @@ ITERATION_PREFIX = "iter"
 #: Settings that change what a stage computes; a finished stage recorded with other values is not reused.
 FINGERPRINT_KEYS = (
     "datadir", "pseudomasks", "dataset", "split", "modality", "normalization", "band_stats", "epochs",
-    "batch_size", "lr", "lr_schedule", "widths", "seed", "augment", "min_confidence",
+    "batch_size", "lr", "lr_schedule", "widths", "seed", "augment", "min_confidence", "classifier",
+    "label_weighting",
 )
 
 
@@ -53,6 +54,7 @@ def stage_fingerprint(cfg: RefineConfig, band_stats: Sequence[Sequence[float]] |
     uses_pseudomasks = not supervised and cfg.pseudomasks is not None
     values["pseudomasks"] = str(Path(str(cfg.pseudomasks)).resolve()) if uses_pseudomasks else None
     values["min_confidence"] = None if supervised else float(cfg.min_confidence)
+    values["classifier"] = str(Path(cfg.classifier).resolve()) if cfg.classifier else None
     values["band_stats"] = band_stats
     values["widths"] = [int(w) for w in cfg.widths]
     return to_plain(values)

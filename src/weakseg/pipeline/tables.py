@@ -38,7 +38,10 @@ def format_refine_table(summary: dict[str, Any]) -> str:
     if summary.get("supervised"):
         rows.append(("supervised", summary["supervised"]))
     show_ignored = any(e.get("ignored_fraction") is not None for _, e in rows)
+    show_alone = any(e.get("eval_unet_alone_scores") for _, e in rows)
     header = ["stage", "train mIoU", "train OA", "train AA", "eval mIoU", "eval OA", "eval AA"]
+    if show_alone:
+        header.append("eval mIoU, UNet alone")
     if show_ignored:
         header.append("ignored")
     body = []
@@ -46,12 +49,16 @@ def format_refine_table(summary: dict[str, Any]) -> str:
         train, held_out = e.get("train_scores") or {}, e.get("eval_scores") or {}
         line = ([name] + [percent(train.get(k)) for k in ("miou", "oa", "aa")]
                 + [percent(held_out.get(k)) for k in ("miou", "oa", "aa")])
+        if show_alone:
+            line.append(percent((e.get("eval_unet_alone_scores") or {}).get("miou")))
         if show_ignored:
             line.append(percent(e.get("ignored_fraction")))
         body.append(line)
     title = f"scores in % on the training tiles of {summary.get('split')!r} (pseudo-label quality)"
     if summary.get("eval_split"):
         title += f" and on {summary['eval_split']!r} (segmentation quality)"
+    if show_alone:
+        title += "; predictions weighted by the classifier's image-label probabilities, 'UNet alone' without"
     if show_ignored:
         title += "; ignored: % of target pixels the loss ignored"
     return "\n".join([title, *render_table(header, body)])
@@ -89,7 +96,7 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
     pipeline. Columns: OA, AA, mIoU of the pseudomasks on the ``validation:train`` tiles, mIoU on the holdout
     (what chose the best pipeline) and the UNet's mIoU on ``test``.
     """
-    header = ["method", "OA", "AA", "mIoU", "holdout", "test mIoU"]
+    header = ["method", "OA", "AA", "mIoU", "holdout", "test mIoU", "UNet alone"]
     titles: dict[int, str] = {}  # body index -> group title printed above it
     body: list[list[str]] = []
     current = None
@@ -106,13 +113,15 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
                 f1 = r.get("macro_f1")
                 titles[len(body)] = (f"{r['classifier_label']}: checkpoint of epoch {r.get('epoch')}, holdout macro "
                                      f"F1 {'-' if f1 is None else f'{f1:.3f}'}, heads pruned {r['pruned']}")
-        train, holdout, test = r.get("train") or {}, r.get("holdout"), r.get("test")
+        train, holdout, test, alone = r.get("train") or {}, r.get("holdout"), r.get("test"), r.get("test_unet_alone")
         body.append(["  " + r["label"], percent(train.get("oa")), percent(train.get("aa")), percent(train.get("miou")),
-                     percent(holdout.get("miou")) if holdout else "", percent(test.get("miou")) if test else ""])
+                     percent(holdout.get("miou")) if holdout else "", percent(test.get("miou")) if test else "",
+                     percent(alone.get("miou")) if alone else ""])
     rendered = render_table(header, body)
     lines = [
         "Pseudomask quality (%) on the 'validation:train' tiles with predicted labels; 'holdout' = mIoU on the",
-        "'validation:holdout' tiles, which chose the best pipeline; 'test mIoU' = the UNet on the 'test' split.",
+        "'validation:holdout' tiles, which chose the best pipeline; 'test mIoU' = UNet x classifier labels on the",
+        "'test' split, 'UNet alone' = the UNet's own argmax there.",
         "",
         *rendered[:2],
     ]

@@ -167,7 +167,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final_norm=cfg.final_norm, gated=cfg.prune, gate_init=cfg.gate_init,
         **arch.model_fields(num_classes, cfg.class_token_head, cfg.num_register_tokens),
     )
-    token_mask_rate = arch.token_mask_rate if cfg.token_mask_rate is None else cfg.token_mask_rate
+    token_mask_rate = (arch.default_token_mask_rate(cfg.class_token_head) if cfg.token_mask_rate is None
+                       else cfg.token_mask_rate)
     task = ClassificationTask(
         model=model_cfg.to_dict(), prune=cfg.prune, pr_rate=cfg.pr_rate, l0_normalize=cfg.l0_normalize,
         l0_warmup_steps=cfg.l0_warmup_steps, optimizer=cfg.optimizer, lr=cfg.learning_rate,

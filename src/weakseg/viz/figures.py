@@ -562,7 +562,10 @@ def plot_class_maps(
             ax.imshow((m - m.min()) / span if span > 0 else np.zeros_like(m), cmap="magma", vmin=0, vmax=1,
                       interpolation="bilinear")
             name = class_names[c] + (f" {float(np.asarray(probs)[c]):.2f}" if probs is not None else "")
-            ax.set_title(name, fontsize=8, color=np.array(_rgb255(class_colors[c])) / 255)
+            ax.set_title(name, fontsize=8)
+            for spine in ax.spines.values():  # the class colour frames the panel (light colours vanish as text)
+                spine.set_edgecolor(np.array(_rgb255(class_colors[c])) / 255)
+                spine.set_linewidth(3)
         if r == 0:
             for c, name in ((0, "true colour"), (1, "ground truth"), (2, "pseudomask")):
                 axes[0, c].set_title(name, fontsize=9)
