@@ -154,3 +154,54 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_checkpoint, tiny_
                  str(tmp_path / "pm3")]) == 2
     assert "is not a weakseg classifier checkpoint" in capsys.readouterr().err
     assert Path(tiny_checkpoint).is_file()
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_demo_config_file_is_the_demo_recipe():
+    """configs/cpu_demo.yaml says it is the demo's pruned classifier: it must hold the recipe the demo runs."""
+    from weakseg.pipeline.comparison import DEMO_PRUNING
+
+    cfg = resolve_config(build_parser().parse_args(["train", "--config", str(CONFIGS / "cpu_demo.yaml")]))
+    assert cfg.prune and {k: getattr(cfg, k) for k in DEMO_PRUNING} == DEMO_PRUNING
+
+
+def test_released_class_token_config_is_the_released_setup():
+    cfg = resolve_config(build_parser().parse_args(["train", "--config", str(CONFIGS / "class_tokens_paper.yaml")]))
+    assert (cfg.arch, cfg.class_token_head, cfg.token_mask_rate, cfg.num_register_tokens) == (
+        "class_tokens", "flatten", 0.5, 1)
+    assert cfg.prune and cfg.pr_rate == 0.01
+
+
+def test_class_token_run_trains_on_the_training_part_and_records_its_checkpoint(tiny_dfc, tmp_path):
+    """--arch class_tokens through the real CLI: splits default to train part / holdout, summary describes best."""
+    import json
+
+    out = tmp_path / "ct"
+    assert main(["train", "--datadir", str(tiny_dfc), "--arch", "class_tokens", "--prune", "--output_dir", str(out),
+                 *TINY_VIT_FLAGS]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["arch"], summary["train_split"], summary["val_split"]) == (
+        "class_tokens", "validation:train", "validation:holdout")
+    best = summary["best"]
+    assert best["path"].endswith("best.ckpt") and best["epoch"] == 0 and best["arch"] == "class_tokens"
+    assert best["num_heads_total"] == 2 * 4 and 0 <= best["pruned_heads"] <= 8
+    task = load_classifier(out / "checkpoints" / "best.ckpt")
+    assert task.model.has_class_tokens and task.model_config.num_register_tokens == 1
+    assert task.hparams.token_mask_rate == 0.0  # per-class head: no masking by default
+    assert task.model.pruned_heads_per_layer() == best["pruned_heads_per_layer"]
+
+
+def test_validation_split_overlapping_training_is_refused(tiny_dfc, tmp_path, capsys):
+    code = main(["train", "--datadir", str(tiny_dfc), "--train_split", "validation", "--val_split",
+                 "validation:holdout", "--output_dir", str(tmp_path / "x"), *TINY_VIT_FLAGS])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "shares" in err and "validation:holdout" in err
+
+
+def test_token_masking_on_a_one_cls_model_is_refused(tiny_dfc, tmp_path, capsys):
+    code = main(["train", "--datadir", str(tiny_dfc), "--token_mask_rate", "0.5", "--output_dir",
+                 str(tmp_path / "x"), *TINY_VIT_FLAGS])
+    assert code == 2 and "--arch class_tokens" in capsys.readouterr().err

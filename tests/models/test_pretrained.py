@@ -87,3 +87,20 @@ def test_mismatched_or_broken_checkpoints_raise_clear_errors(tmp_path):
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
     with pytest.raises(ConfigError, match="not a ViT checkpoint"):
         load_pretrained(deep, bad)
+
+
+def test_class_token_model_repeats_the_cls_token_per_class_and_keeps_the_register_position(tmp_path):
+    """--arch class_tokens --pretrained: every class token and the register start as the checkpoint's CLS."""
+    path = tmp_path / "deit.pth"
+    src = timm_style_checkpoint(path, None, "")
+    model = build_vit(img_size=(16, 16), patch_size=4, in_chans=3, embed_dim=D, depth=2, num_heads=4,
+                      num_classes=5, num_cls_tokens=5, num_register_tokens=1, head_type="per_class")
+    load_pretrained(model, path)
+    sd = model.state_dict()
+    assert sd["cls_token"].shape == (1, 5, D)
+    for c in range(5):
+        assert torch.equal(sd["cls_token"][0, c], src["cls_token"][0, 0])
+    assert sd["pos_embed"].shape == (1, 6 + 16, D)
+    for p in range(6):  # 5 class tokens + 1 register take the CLS position
+        assert torch.equal(sd["pos_embed"][0, p], src["pos_embed"][0, 0])
+    assert torch.equal(sd["pos_embed"][0, 6:], src["pos_embed"][0, 1:])  # same 4x4 grid: patches unchanged

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from weakseg.config import save_resolved
 from weakseg.io import atomic_write_json
 
@@ -68,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from weakseg.data.synthetic import generate_synthetic_dfc2020
-    from weakseg.pipeline.comparison import ComparisonConfig, run_comparison
+    from weakseg.pipeline.comparison import ComparisonConfig, pipeline_commands, run_comparison
+    from weakseg.pipeline.figures import write_comparison_figures
 
     t0 = time.time()
     out = Path(cfg.output_dir)
@@ -86,128 +84,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         progress=lambda line: print(f"[demo] {line}", flush=True),
     )
     print("\n" + results["table"])
-    figures = write_figures(out, data, results, cfg)
+    figures = write_comparison_figures(out, data, results, cfg.figure_tiles)
     results["figures"] = [str(f) for f in figures]
     results["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", results)
     best = results["best"]
-    print(f"\nbest pipeline: {best['label']}. On your data: `weakseg train {_train_flags(results, best)}`, then "
-          f"`weakseg pseudomasks --method {_method_of(results, best)}`, then `weakseg refine --model_checkpoint ...`")
+    print(f"\nbest pipeline: {best['label']}. On your data: {pipeline_commands(best)}")
     print(f"figures: {', '.join(str(f) for f in figures)}")
     print(f"results: {out / 'results.json'}  (total {time.time() - t0:.0f}s)")
     return results
-
-
-def _arch_of(results: dict[str, Any], classifier: str) -> str:
-    return str(results["classifiers"][classifier].get("arch", "vit"))
-
-
-def _train_flags(results: dict[str, Any], best: dict[str, Any]) -> str:
-    """The ``weakseg train`` flags of the best pipeline's classifier (architecture and pruning recipe)."""
-    from weakseg.pipeline.comparison import CLASSIFIERS, DEMO_PRUNING
-
-    spec = next(c for c in CLASSIFIERS if c.name == best["classifier"])
-    flags = [f"--arch {spec.arch}"]
-    if spec.prune:
-        flags.append("--prune")
-        flags += [f"--{k}" if v is True else f"--{k} {v:g}" for k, v in DEMO_PRUNING.items()]
-    return " ".join(flags)
-
-
-def _method_of(results: dict[str, Any], best: dict[str, Any]) -> str:
-    from weakseg.pipeline.comparison import METHODS_BY_ARCH
-
-    arch = _arch_of(results, best["classifier"])
-    spec = next(m for m in METHODS_BY_ARCH[arch] if m.key == best["method"])
-    return spec.method + "".join(f" --{k} {v}" for k, v in spec.options)
-
-
-def _row(results: dict[str, Any], classifier: str, method: str) -> dict[str, Any] | None:
-    return next((r for r in results["rows"] if r["classifier"] == classifier and r["method"] == method), None)
-
-
-def write_figures(out: Path, data: Path, results: dict[str, Any], cfg: DemoConfig) -> list[Path]:
-    """Pseudomask panel, class-attention maps, attention heads of the pruned ViT and gate maps (PNG)."""
-    from weakseg.data import open_dataset
-    from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES
-    from weakseg.data.datamodule import build_transform
-    from weakseg.evaluation.compare import read_prediction_mask
-    from weakseg.methods.class_attention import class_attention_maps
-    from weakseg.tasks.classification import load_classifier
-    from weakseg.viz.figures import plot_attention_grid, plot_class_maps, plot_gate_map, plot_pseudomask_panel
-
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    reader = open_dataset("dfc2020", data, "validation:train")
-
-    def num_classes_in(i: int) -> int:
-        mask = reader.read_mask(i)
-        return len(np.unique(mask[mask != 255]))
-
-    picks = [i for i in range(len(reader)) if num_classes_in(i) >= 2]
-    picks = (picks or list(range(len(reader))))[: cfg.figure_tiles]
-    best = results["best"]
-    columns: dict[str, Path] = {}
-    best_clf = best["classifier"].replace("class_tokens", "class tokens").replace("vit", "ViT").replace("_", ", ")
-    for title, classifier, method in (
-        (f"Grad-CAM\n({best_clf})", best["classifier"], "gradcam"),
-        ("attention, rank rule\n(ViT, pruned)", "vit_pruned", "attention_rank"),
-        ("attention, default\n(ViT, pruned)", "vit_pruned", "attention"),
-        ("class attention\n(class tokens, unpruned)", "class_tokens_unpruned", "class_attention"),
-        (f"best: {best['method'].replace('_', ' ')}\n({best_clf})", best["classifier"], best["method"]),
-    ):
-        row = _row(results, classifier, method)
-        if row is not None and title not in columns and Path(row["masks"]) not in columns.values():
-            columns[title] = Path(row["masks"])
-    refined = [r for r in results["rows"] if r["method"].startswith("refined")]
-    if refined:
-        columns[f"{refined[-1]['label']}\n(of the best)"] = Path(refined[-1]["masks"])
-    rows = []
-    for i in picks:
-        tid = reader.ids[i]
-        row: dict[str, Any] = {"id": tid, "image": reader.read_image(i), "ground truth": reader.read_mask(i)}
-        for name, folder in columns.items():
-            row[name] = read_prediction_mask(folder / f"{tid}.tif")
-        rows.append(row)
-    figures = [plot_pseudomask_panel(rows, ["ground truth", *columns], DFC_CLASS_NAMES, DFC_CLASS_COLORS,
-                                     fig_dir / "pseudomasks.png",
-                                     title="Pseudomasks on training tiles (predicted labels)")]
-
-    ct_row = _row(results, "class_tokens_unpruned", "class_attention")
-    if ct_row is not None:
-        task = load_classifier(results["classifiers"]["class_tokens_unpruned"]["best_checkpoint"])
-        model = task.model.eval()
-        transform = build_transform("predict", task.model_config.img_size, dict(task.hparams["data_config"]))
-        reader_t = open_dataset("dfc2020", data, "validation:train", transform=transform)
-        x = torch.stack([reader_t[i]["image"] for i in picks])
-        with torch.no_grad():
-            probs = model(x).sigmoid()
-        maps = class_attention_maps(model, x, list(range(model.cfg.depth)), class_sets=probs > 0.5)
-        map_rows = []
-        for k, i in enumerate(picks):
-            labels = [c for c in np.argsort(-probs[k].numpy()) if probs[k, c] > 0.5]
-            map_rows.append({"id": reader.ids[i], "image": reader.read_image(i), "ground truth": reader.read_mask(i),
-                             "mask": read_prediction_mask(Path(ct_row["masks"]) / f"{reader.ids[i]}.tif"),
-                             "maps": maps[k].numpy(), "labels": labels, "probs": probs[k].numpy()})
-        figures.append(plot_class_maps(map_rows, DFC_CLASS_NAMES, DFC_CLASS_COLORS, fig_dir / "class_attention.png",
-                                       title="Class attention per predicted label (class tokens, unpruned)"))
-
-    for name, fname in (("vit_pruned", "attention_heads.png"), ("class_tokens_pruned", None)):
-        if name not in results["classifiers"]:
-            continue
-        task = load_classifier(results["classifiers"][name]["best_checkpoint"])
-        model = task.model.eval()
-        if fname is not None:
-            transform = build_transform("predict", task.model_config.img_size, dict(task.hparams["data_config"]))
-            x = open_dataset("dfc2020", data, "validation:train", transform=transform)[picks[0]]["image"][None]
-            depth = task.model_config.depth
-            with torch.no_grad():
-                feats = model.forward_features(x, attention_blocks=range(depth))
-            head_maps = torch.stack([feats.cls_to_patch_attention(b)[0] for b in range(depth)]).numpy()
-            figures.append(plot_attention_grid(head_maps, model.head_mask().numpy(), fig_dir / fname,
-                                               image=reader.read_image(picks[0]), mass=0.6,
-                                               title=f"CLS attention per head (ViT, pruned), tile {reader.ids[picks[0]]}"))
-        log_alpha = torch.stack([g.log_alpha.detach().flatten() for g in model.gates]).numpy()
-        figures.append(plot_gate_map(model.head_mask().numpy(), fig_dir / f"gates_{name}.png", log_alpha=log_alpha,
-                                     title=f"Hard Concrete gates: {name.replace('_', ' ')}"))
-    return figures

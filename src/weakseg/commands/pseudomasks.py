@@ -20,15 +20,12 @@ from weakseg.errors import ConfigError
 from weakseg.methods import METHODS
 
 
-def _method_option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method option, once: flag name -> (a field defining it, the methods that take it)."""
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+def _method_option_fields() -> dict[str, tuple[dataclasses.Field, dict[str, Any]]]:
+    """Every method option, once: flag name -> (a field defining it, {method: its default there})."""
+    fields: dict[str, tuple[dataclasses.Field, dict[str, Any]]] = {}
     for name, cls in METHODS.items():
         for f in dataclasses.fields(cls.Options):
-            if f.name in fields:
-                fields[f.name][1].append(name)
-            else:
-                fields[f.name] = (f, [name])
+            fields.setdefault(f.name, (f, {}))[1][name] = f.default
     return fields
 
 
@@ -48,10 +45,11 @@ def add_parser(subparsers: Any) -> None:
                    help="re-label each region by the classifier (paper step 8), restricted to the image's labels")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
     g = p.add_argument_group("method options (each applies to the methods named in its help)")
-    for flag, (f, users) in _method_option_fields().items():
+    for flag, (f, defaults) in _method_option_fields().items():
         typ = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(str(f.type), str)
+        where = "; ".join(f"{method}: default {value}" for method, value in defaults.items())
         g.add_argument(f"--{flag}", type=typ, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                       help=f"[{', '.join(users)}] {f.metadata.get('help', '')}")
+                       help=f"[{where}] {f.metadata.get('help', '')}")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks and the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace the masks of another run in --output")
     p.add_argument("--batch_size", type=int, default=16)
@@ -66,8 +64,9 @@ def add_parser(subparsers: Any) -> None:
 def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The method options given as flags; an option of another method is an error, not silently ignored."""
     given: dict[str, Any] = {}
-    for flag, (_, users) in _method_option_fields().items():
+    for flag, (_, defaults) in _method_option_fields().items():
         if flag in args:
+            users = list(defaults)
             if args.method not in users:
                 raise ConfigError(f"--{flag} applies to --method {' / '.join(users)}, not to --method {args.method}")
             given[flag] = getattr(args, flag)

@@ -257,3 +257,16 @@ def _data_settings(checkpoint: Path) -> dict[str, Any]:
     data = dict(load_classifier(checkpoint).hparams["data_config"])
     return {"modality": data["modality"], "normalization": data["normalization"],
             "band_stats": data.get("band_stats"), "classifier": str(checkpoint)}
+
+
+def pipeline_commands(best: dict[str, Any]) -> str:
+    """The ``weakseg`` commands that run the pipeline ``best`` (a ``results["best"]``) on a user's data."""
+    spec = next(c for c in CLASSIFIERS if c.name == best["classifier"])
+    method = next(m for m in METHODS_BY_ARCH[spec.arch] if m.key == best["method"])
+    train = [f"--arch {spec.arch}"]
+    if spec.prune:
+        train.append("--prune")
+        train += [f"--{k}" if v is True else f"--{k} {v:g}" for k, v in DEMO_PRUNING.items()]
+    options = "".join(f" --{k} {v}" for k, v in method.options)
+    return (f"`weakseg train {' '.join(train)}`, then `weakseg pseudomasks --method {method.method}{options}`, "
+            "then `weakseg refine --model_checkpoint <the classifier>`")
