@@ -649,3 +649,73 @@ def test_min_confidence_and_lr_schedule_flags(tmp_path: Path) -> None:
 def test_invalid_min_confidence_or_lr_schedule(tmp_path: Path, settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         refine(make_cfg(tmp_path / "data", tmp_path / "pm", tmp_path / "out", **settings))
+
+
+# ---- predictions weighted by the classifier's image labels ----------------------------------------------------
+class _FixedUNet(torch.nn.Module):
+    """Stand-in segmenter: the same logits for every image, (B, K, H, W)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(image.shape[0], -1, -1, -1)
+
+
+def test_label_weighting_multiplies_unet_and_classifier_probabilities() -> None:
+    # 3 classes, 1 x 2 pixels. The UNet prefers class 0 on both; the classifier says class 0 is absent.
+    logits = torch.log(torch.tensor([[[0.6, 0.5]], [[0.3, 0.1]], [[0.1, 0.4]]]))[None]  # (1, 3, 1, 2)
+    module = refine_module.LabelWeightedSegmenter(_FixedUNet(logits), {"a": np.array([0.0, 1.0, 1.0]),
+                                                                      "b": np.array([1.0, 0.5, 0.5])})
+    out = module.predict_step({"image": torch.zeros(2, 1, 1, 2), "id": ["a", "b"]}, 0)
+    assert out["pred_alone"].tolist() == [[[0, 0]], [[0, 0]]]  # the UNet's own argmax
+    assert out["pred"].tolist() == [[[1, 2]], [[0, 0]]]  # tile a: 0.3 vs 0.1 -> 1, 0.1 vs 0.4 -> 2
+    # Confidence: the winner's share of the weighted sum, e.g. tile a pixel 0: 0.3 / (0 + 0.3 + 0.1).
+    assert torch.allclose(out["prob"][0, 0], torch.tensor([0.3 / 0.4, 0.4 / 0.5]))
+    assert torch.allclose(out["prob"][1, 0], torch.tensor([0.6 / (0.6 + 0.15 + 0.05), 0.5 / (0.5 + 0.05 + 0.2)]))
+
+
+def test_classifier_probabilities_cover_every_tile(tiny_checkpoint: Path, tiny_dfc: Path) -> None:
+    probs = refine_module.classifier_probabilities(tiny_checkpoint, "dfc2020", str(tiny_dfc), "validation:train",
+                                                   batch_size=5)
+    reader = open_dataset("dfc2020", tiny_dfc, "validation:train")
+    assert list(probs) == reader.ids
+    assert all(p.shape == (8,) and ((p > 0) & (p < 1)).all() for p in probs.values())
+
+
+def test_refinement_with_a_classifier_weights_every_prediction_and_scores_the_unet_alone(
+        tiny_checkpoint: Path, tiny_dfc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classifier certain that every tile is class 3 makes every weighted prediction class 3."""
+    def only_class_3(checkpoint: Path, dataset: str, datadir: str, split: str) -> dict[str, np.ndarray]:
+        assert Path(checkpoint) == tiny_checkpoint
+        reader = open_dataset(dataset, datadir, split)
+        return {tile: np.eye(8, dtype=np.float32)[3] for tile in reader.ids}
+
+    monkeypatch.setattr(refine_module, "classifier_probabilities", only_class_3)
+    pm = write_noisy_pseudomasks(tiny_dfc, tmp_path / "pm")
+    cfg = RefineConfig(datadir=str(tiny_dfc), pseudomasks=str(pm), output_dir=str(tmp_path / "out"),
+                       split="validation", eval_split="test", iterations=1, classifier=str(tiny_checkpoint),
+                       widths=[4, 8], epochs=1, batch_size=8)
+    summary = refine(cfg, verbose=False)
+    it1 = summary["iterations"][1]
+    for folder in (Path(it1["masks"]), Path(it1["eval_masks"])):
+        masks = [read_prediction_mask(p) for p in folder.glob("*.tif")]
+        assert masks and all((m == 3).all() for m in masks)
+    alone = tmp_path / "out" / "iter1" / refine_module.ALONE_DIR
+    assert len(list(alone.glob("*.tif"))) == 8  # the test split's tiles
+    assert it1["eval_unet_alone_scores"] is not None and it1["eval_scores"]["miou"] is not None
+    # Without weighting the same run is refused in the same folder (the fingerprint records it) ...
+    with pytest.raises(ConfigError, match="label_weighting"):
+        refine(RefineConfig(**{**cfg.__dict__, "label_weighting": False}), verbose=False)
+    # ... and in a new one predicts with the UNet alone, writing no eval_unet_alone folder.
+    plain = refine(RefineConfig(**{**cfg.__dict__, "label_weighting": False, "output_dir": str(tmp_path / "o2")}),
+                   verbose=False)
+    assert not (tmp_path / "o2" / "iter1" / refine_module.ALONE_DIR).exists()
+    assert plain["iterations"][1]["eval_unet_alone_scores"] is None
+
+
+def test_missing_classifier_checkpoint_is_a_config_error(data_root: Path, pseudomasks: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(data_root, pseudomasks, tmp_path / "o", classifier=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ConfigError, match="nope.ckpt does not exist"):
+        refine(cfg)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from weakseg.errors import ConfigError
 from weakseg.evaluation.compare import compare_folders
-from weakseg.io import atomic_write_json
 from weakseg.evaluation.metrics import format_scores_table
+from weakseg.io import atomic_write_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.base import TileDataset, Transform
+from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.dfc2020 import read_raster, replace_nonfinite
 from weakseg.errors import ConfigError, DataError
 

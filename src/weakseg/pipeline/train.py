@@ -198,9 +198,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     callbacks: list[Any] = [best]
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="", version="")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except ImportError:
