@@ -99,6 +99,16 @@ def aggregate(folder: Path) -> str:
                 out.append(rows[(classifier, a)]["train"]["miou"] - rows[(classifier, b)]["train"]["miou"])
         return out
 
+    rates: dict[tuple[str, str], list[float]] = {}
+    for seed in seeds:
+        for r in results[seed]["rows"]:
+            a = r.get("assignment")
+            if a and a.get("checked"):
+                rates.setdefault((r["classifier_label"], r["label"]), []).append(a["best"] / a["checked"])
+    if rates:
+        lines += ["", "attention clustering: share of multi-label train tiles whose cluster -> label assignment is "
+                  "the best possible one (checked against the ground truth):"]
+        lines += [f"  {clf:<24} {method:<42} {_mean_sd(v):>13}" for (clf, method), v in rates.items()]
     lines += ["", "checks of the class-attention issue (train tiles, mean over seeds):"]
     for clf in ("class_tokens_pruned", "class_tokens_unpruned"):
         d = diffs(clf, "class_attention", "gradcam")

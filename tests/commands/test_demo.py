@@ -54,5 +54,5 @@ def test_demo_fast_runs_every_stage(tmp_path, capsys):
 def test_full_demo(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out)]) == 0
-    results = check_outputs(out, 2)
+    results = check_outputs(out, 1)
     assert results["seconds"] < 600

@@ -32,7 +32,7 @@ class DemoConfig:
     seed: int = 0
     vit_epochs: int = 30
     unet_epochs: int = 30
-    iterations: int = 2
+    iterations: int = 1
     figure_tiles: int = 4
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--test_tiles", type=int, default=64)
     p.add_argument("--vit_epochs", type=int, default=30)
     p.add_argument("--unet_epochs", type=int, default=30)
-    p.add_argument("--iterations", type=int, default=2, help="UNet refinement iterations of the best pipeline")
+    p.add_argument("--iterations", type=int, default=1, help="UNet refinement iterations of the best pipeline (1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a tiny smoke-test run (seconds, meaningless numbers)")
     p.set_defaults(run=run)

@@ -27,6 +27,7 @@ from weakseg.config import explicit_args, load_yaml, resolve
 from weakseg.errors import ConfigError
 from weakseg.pipeline.refine import (
     DEFAULT_EPOCHS,
+    DEFAULT_ITERATIONS,
     DEFAULT_LR,
     DEFAULT_LR_SCHEDULE,
     DEFAULT_MIN_CONFIDENCE,
@@ -65,7 +66,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: dfc2020)")
     p.add_argument("--multimodal", action=bool_flag, help="Sentinel-1 + Sentinel-2 inputs (15 channels)")
     p.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
-    p.add_argument("--iterations", type=int, help="refinement iterations after iteration 0 (default 2)")
+    p.add_argument("--iterations", type=int, help=f"refinement iterations after iteration 0 (default {DEFAULT_ITERATIONS})")
     p.add_argument("--epochs", type=int, help=f"training epochs per iteration (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch_size", type=int, help="training batch per device (default 16)")
     p.add_argument("--learning_rate", type=float, help=f"AdamW learning rate (default {DEFAULT_LR:g})")

@@ -116,7 +116,7 @@ class ComparisonConfig:
     seed: int = 0
     vit_epochs: int = 30
     unet_epochs: int = 30
-    iterations: int = 2
+    iterations: int = 1
     supervised: bool = True
     classifiers: tuple[str, ...] = tuple(c.name for c in CLASSIFIERS)
     train_overrides: dict[str, Any] = field(default_factory=dict)
