@@ -197,7 +197,79 @@ def aggregate(folder: Path) -> str:
             tr = [r[label]["train"][-1] for r in refs if label in r]
             lines.append(f"    {label:<45} train {mean_sd(tr)}   holdout {mean_sd(last)}   "
                          f"holdout UNet alone {mean_sd(alone)}")
+    lines += ["", *decisions(runs)]
     return "\n".join(lines)
+
+
+#: Each default against its alternatives: (what, [(default classifier, default variant), ...],
+#: [(alternative classifier, alternative variant), ...]) compared pairwise per seed, pair by pair.
+_CT_U, _CT_P = "class tokens, unpruned (default: per-class head, no masking)", \
+    "class tokens, pruned (default: per-class head, no masking)"
+_CA = "class attention, gradient, argmax (default)"
+_VIT = ("ViT (1 CLS), pruned", "ViT (1 CLS), unpruned")
+_RELABEL = "attention, relabel, all blocks (default)"
+DECISIONS: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] = [
+    ("per-class head, no masking vs released flatten head, masking 0.5", [(_CT_U, _CA)],
+     [("class tokens, unpruned, flatten head, masking 0.5 (released)", _CA)]),
+    ("per-class head: no masking vs masking 0.5", [(_CT_U, _CA), (_CT_P, _CA)],
+     [("class tokens, unpruned, masking 0.5", _CA), ("class tokens, pruned, masking 0.5", _CA)]),
+    ("a register token vs none", [(_CT_U, _CA)], [("class tokens, unpruned, no register token", _CA)]),
+    ("class attention: gradient vs mean of kept heads", [(_CT_U, _CA), (_CT_P, _CA)],
+     [(_CT_U, "class attention, mean of kept heads, argmax"), (_CT_P, "class attention, mean of kept heads, argmax")]),
+    ("class attention: argmax vs own-mean threshold", [(_CT_U, _CA), (_CT_P, _CA)],
+     [(_CT_U, "class attention, gradient, threshold"), (_CT_P, "class attention, gradient, threshold")]),
+    ("class attention: all blocks vs last block", [(_CT_U, _CA), (_CT_P, _CA)],
+     [(_CT_U, "class attention, gradient, last block"), (_CT_P, "class attention, gradient, last block")]),
+    ("class attention vs Grad-CAM on the same classifier", [(_CT_U, _CA), (_CT_P, _CA)],
+     [(_CT_U, "Grad-CAM"), (_CT_P, "Grad-CAM")]),
+    ("attention clustering: relabel vs rank rule (paper)", [(v, _RELABEL) for v in _VIT],
+     [(v, "attention, rank rule, last block (paper)") for v in _VIT]),
+    ("attention clustering: relabel vs head_gradient", [(v, _RELABEL) for v in _VIT],
+     [(v, "attention, head_gradient, all blocks") for v in _VIT]),
+    ("attention clustering: relabel vs gradcam", [(v, _RELABEL) for v in _VIT],
+     [(v, "attention, gradcam, all blocks") for v in _VIT]),
+    ("attention clustering: all blocks vs last block (relabel)", [(v, _RELABEL) for v in _VIT],
+     [(v, "attention, relabel, last block") for v in _VIT]),
+]
+REFINE_DECISIONS = [
+    ("refinement: label weighting vs the UNet alone", "UNet alone (no label weighting)"),
+    ("refinement: min_confidence 0 vs 0.1", "label weighting, min_confidence 0.1"),
+    ("refinement: min_confidence 0 vs 0.2", "label weighting, min_confidence 0.2"),
+    ("refinement: min_confidence 0 vs 0.3", "label weighting, min_confidence 0.3"),
+    ("refinement: 1 iteration vs 2", "label weighting, 2 iterations"),
+]
+
+
+def decisions(runs: dict[int, dict[str, Any]]) -> list[str]:
+    """Paired holdout differences (default - alternative, same seed) with their mean and standard error.
+
+    Rule: a default differs from the paper's (or the simpler) setting only where the mean paired difference
+    exceeds its standard error; otherwise the two are a tie and the paper's setting stays.
+    """
+    import statistics
+
+    def verdict(diffs: list[float]) -> str:
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+        word = "default better" if mean > se else "alternative better" if mean < -se else "tie (within 1 SE)"
+        return f"{mean:+5.1f} ± {se:3.1f} (SE)  {word}   [{', '.join(f'{d:+.1f}' for d in diffs)}]"
+
+    seeds = sorted(runs)
+    lines = ["paired holdout differences, default - alternative, per seed and classifier (mIoU points):"]
+    for what, defaults, alternatives in DECISIONS:
+        diffs = [100 * (runs[s][dc]["variants"][dv]["holdout"] - runs[s][ac]["variants"][av]["holdout"])
+                 for (dc, dv), (ac, av) in zip(defaults, alternatives, strict=True) for s in seeds
+                 if dc in runs[s] and ac in runs[s] and dv in runs[s][dc]["variants"]
+                 and av in runs[s][ac]["variants"]]
+        if diffs:
+            lines.append(f"    {what:<62} {verdict(diffs)}")
+    for what, alternative in REFINE_DECISIONS:
+        refs = [runs[s]["refine"] for s in seeds if "refine" in runs[s]]
+        diffs = [100 * (r["label weighting (default)"]["holdout"][-1] - r[alternative]["holdout"][-1])
+                 for r in refs if alternative in r and "label weighting (default)" in r]
+        if diffs:
+            lines.append(f"    {what:<62} {verdict(diffs)}")
+    return lines
 
 
 def main() -> None:

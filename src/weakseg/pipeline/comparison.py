@@ -9,7 +9,8 @@ The rules it follows (the README's "Results" section shows its table):
 - **Nothing chosen on a reported number.** The classifiers train on ``validation:train`` and pick their
   checkpoint on the image labels of ``validation:holdout`` (:mod:`weakseg.data.splits`). Pseudomasks are made for
   both parts; the holdout's mIoU (it has masks) picks the best pipeline, which alone is refined with the UNet.
-  Reported: pseudomask quality on the ``validation:train`` tiles, the UNet on the ``test`` split.
+  Reported: pseudomask quality on the ``validation:train`` tiles and on ``test`` (each method applied to the test
+  tiles directly, the like-for-like reference of the UNet), and the UNet on ``test``.
 - **One checkpoint per row.** The macro F1 and heads pruned of a row are those of the checkpoint whose masks the
   row scores (:func:`weakseg.pipeline.train.describe_checkpoint`), not of the last epoch.
 - **Predicted labels.** Every row uses the classifier's predicted image labels (``p > 0.5``), as a user would.
@@ -18,7 +19,7 @@ The rules it follows (the README's "Results" section shows its table):
   tiles (the next pseudomasks) and on ``test`` (classifier + UNet, as on new tiles); ``test`` is also scored with
   the UNet alone. The supervised upper bound is scored the same two ways.
 
-Outputs under ``output_dir``: ``classifiers/<name>/`` (runs), ``pseudomasks/<name>/<method>_{train,holdout}/``,
+Outputs under ``output_dir``: ``classifiers/<name>/`` (runs), ``pseudomasks/<name>/<method>_{train,holdout,test}/``,
 ``refine/`` (best pipeline), ``supervised/`` (upper bound), ``results.json`` and ``results.txt``.
 """
 
@@ -182,7 +183,7 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
              f"{best.get('num_heads_total')})")
         for m in METHODS_BY_ARCH[spec.arch]:
             folders = {}
-            for part, split in (("train", TRAIN_PART), ("holdout", HOLDOUT_PART)):
+            for part, split in (("train", TRAIN_PART), ("holdout", HOLDOUT_PART), ("test", TEST_SPLIT)):
                 folder = out / "pseudomasks" / spec.name / f"{m.key}_{part}"
                 summary = generate_pseudomasks(Path(run["best_checkpoint"]), Path(cfg.datadir), split, folder,
                                                m.method, method_options=m.options_dict(), progress=False,
@@ -193,7 +194,8 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
                 "floor": m.floor, "masks": str(folders["train"][0]),
                 "train": _short(_scores(folders["train"][0], TRAIN_PART, cfg.datadir)),
                 "holdout": _short(_scores(folders["holdout"][0], HOLDOUT_PART, cfg.datadir)),
-                "test": None, "assignment": folders["train"][1].get("assignment"),
+                "test": _short(_scores(folders["test"][0], TEST_SPLIT, cfg.datadir)),
+                "assignment": folders["train"][1].get("assignment"),
                 "macro_f1": best.get("val_score"), "epoch": best.get("epoch"),
                 "pruned": f"{best.get('pruned_heads')}/{best.get('num_heads_total')}",
             })

@@ -120,8 +120,8 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
     rendered = render_table(header, body)
     lines = [
         "Pseudomask quality (%) on the 'validation:train' tiles with predicted labels; 'holdout' = mIoU on the",
-        "'validation:holdout' tiles, which chose the best pipeline; 'test mIoU' = UNet x classifier labels on the",
-        "'test' split, 'UNet alone' = the UNet's own argmax there.",
+        "'validation:holdout' tiles, which chose the best pipeline; 'test mIoU' = the method applied to the 'test'",
+        "tiles, or for the UNets their prediction x the classifier's labels there; 'UNet alone' = the UNet's argmax.",
         "",
         *rendered[:2],
     ]
