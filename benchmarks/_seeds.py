@@ -6,12 +6,14 @@ so every seed runs in its own process with ``OMP_NUM_THREADS`` (and torch's thre
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def run_seeds(script: str, args: Sequence[str], seeds: Sequence[int], jobs: int, threads: int) -> list[int]:
@@ -40,3 +42,37 @@ def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
         return "-"
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{statistics.fmean(values) * scale:5.1f} ± {sd:4.1f}"
+
+
+def seed_benchmark_main(
+    args: argparse.Namespace,
+    script: str,
+    forwarded: Sequence[str],
+    run_one_seed: Callable[[argparse.Namespace], None],
+    aggregate: Callable[[Path], str],
+    result_name: str,
+    tiles: tuple[int, int] = (256, 64),
+) -> None:
+    """The ``main`` of a seeded benchmark: one seed in this process (``--seed-run``), re-aggregation
+    (``--aggregate DIR``), or the whole run: built-in data (data seed 0, ``tiles`` training / test tiles of
+    64 x 64), every seed in its own process, the aggregated table printed and written to ``output/result_name``.
+    """
+    if args.seed_run is not None:
+        run_one_seed(args)
+        return
+    if args.aggregate is not None:
+        print(aggregate(args.aggregate))
+        return
+    from weakseg.data.synthetic import generate_synthetic_dfc2020
+
+    t0 = time.time()
+    args.output.mkdir(parents=True, exist_ok=True)
+    generate_synthetic_dfc2020(args.output / "data", {"validation": tiles[0], "test": tiles[1]}, tile_size=64, seed=0)
+    failed = run_seeds(script, ["--output", str(args.output), "--threads", str(args.threads), *forwarded],
+                       args.seeds, args.jobs, args.threads)
+    table = aggregate(args.output)
+    print("\n" + table)
+    print(f"total {time.time() - t0:.0f}s")
+    (args.output / result_name).write_text(table + "\n")
+    if failed:
+        raise SystemExit(f"seeds {failed} failed")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _seeds import mean_sd, run_seeds
+from _seeds import mean_sd, seed_benchmark_main
 
 #: Method variants per architecture: (label, method, options).
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
@@ -274,25 +274,7 @@ def decisions(runs: dict[int, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     args = get_args_parser().parse_args()
-    if args.seed_run is not None:
-        run_one_seed(args)
-        return
-    if args.aggregate is not None:
-        print(aggregate(args.aggregate))
-        return
-    from weakseg.data.synthetic import generate_synthetic_dfc2020
-
-    t0 = time.time()
-    args.output.mkdir(parents=True, exist_ok=True)
-    generate_synthetic_dfc2020(args.output / "data", {"validation": 256, "test": 64}, tile_size=64, seed=0)
-    failed = run_seeds(__file__, ["--output", str(args.output), "--threads", str(args.threads)], args.seeds,
-                       args.jobs, args.threads)
-    table = aggregate(args.output)
-    print("\n" + table)
-    print(f"total {time.time() - t0:.0f}s")
-    (args.output / "defaults.txt").write_text(table + "\n")
-    if failed:
-        raise SystemExit(f"seeds {failed} failed")
+    seed_benchmark_main(args, __file__, [], run_one_seed, aggregate, "defaults.txt")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def setup_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is not georeferenced.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # A small holdout may lack a class; torchmetrics then warns once per epoch that its average precision is
+    # undefined (it is reported as such); the macro F1 that chooses the checkpoint is unaffected.
+    warnings.filterwarnings("ignore", message=".*No positive samples found in target.*")
     # config.yaml is written into the run folder before the CSV logger starts; nothing of ours is deleted.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")

@@ -71,7 +71,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
@@ -86,6 +85,7 @@ from weakseg.evaluation.compare import evaluate_folder
 from weakseg.evaluation.metrics import format_scores_table
 from weakseg.io import atomic_write_json
 from weakseg.pipeline.mask_writer import MaskFolderWriter, clear_mask_folder
+from weakseg.pipeline.progress import EpochLog
 from weakseg.pipeline.stages import (
     DONE_FILE,
     check_reusable,
@@ -214,19 +214,6 @@ def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int,
 
 
 # ---- Lightning plumbing ------------------------------------------------------------------------------------
-class _EpochLog(Callback):
-    """One log line per epoch: a CPU run of several minutes should show it is alive."""
-
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train_loss_epoch")
-        if trainer.is_global_zero and loss is not None:
-            log.info("  %s epoch %d/%d: train_loss %.4f", self.stage, trainer.current_epoch + 1,
-                     trainer.max_epochs, float(loss))
-
-
 def _trainer(
     cfg: RefineConfig, stage_dir: Path | None, callbacks: list[Any], steps_per_epoch: int
 ) -> L.Trainer:
@@ -430,7 +417,7 @@ def _train_stage(ctx: _Context, stage_dir: Path, seed: int, targets: TargetMasks
         drop_last=len(train_tiles) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
     )
     writer = MaskFolderWriter()
-    trainer = _trainer(cfg, stage_dir, [writer, _EpochLog(stage)], steps_per_epoch=len(loader))
+    trainer = _trainer(cfg, stage_dir, [writer, EpochLog(stage)], steps_per_epoch=len(loader))
     t0 = time.time()
     _fit(task, trainer, loader)
     train_seconds = time.time() - t0

@@ -134,6 +134,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from weakseg.data.datamodule import WeakSegDataModule
     from weakseg.models.architectures import get_architecture
     from weakseg.models.vit import ViTConfig
+    from weakseg.pipeline.progress import EpochLog, show_progress_bar
     from weakseg.tasks.classification import ClassificationTask
 
     datadir = ensure_data(cfg)
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         auto_insert_metric_name=False, enable_version_counter=False,
     )
     best.CHECKPOINT_NAME_LAST = "last"
-    callbacks: list[Any] = [best]
+    callbacks: list[Any] = [best, EpochLog(f"{arch.name} classifier", ("train_loss", "val_loss", "val_macro_f1"))]
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="", version="")]
     try:
         import tensorboard  # noqa: F401
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         devices=cfg.num_devices, strategy=strategy, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad, callbacks=callbacks, logger=loggers,
         log_every_n_steps=1, deterministic=False, enable_model_summary=False,
+        enable_progress_bar=show_progress_bar(),
     )
     if trainer.is_global_zero:
         save_resolved(cfg, out, model=model_cfg.to_dict(), data=dm.data_config, datadir=str(datadir),
