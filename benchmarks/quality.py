@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 from _seeds import mean_sd as _mean_sd
-from _seeds import run_seeds
+from _seeds import seed_benchmark_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -167,27 +166,10 @@ def aggregate(folder: Path) -> str:
 
 def main() -> None:
     args = get_args_parser().parse_args()
-    if args.seed_run is not None:
-        run_one_seed(args)
-        return
-    if args.aggregate is not None:
-        print(aggregate(args.aggregate))
-        return
-    from weakseg.data.synthetic import generate_synthetic_dfc2020
-
-    t0 = time.time()
-    args.output.mkdir(parents=True, exist_ok=True)
-    generate_synthetic_dfc2020(args.output / "data", {"validation": args.train_tiles, "test": args.test_tiles},
-                               tile_size=64, seed=0)
-    base = ["--output", str(args.output), "--threads", str(args.threads), "--vit_epochs", str(args.vit_epochs),
-            "--unet_epochs", str(args.unet_epochs), "--iterations", str(args.iterations)]
-    failed = run_seeds(__file__, base, args.seeds, args.jobs, args.threads)
-    table = aggregate(args.output)
-    print("\n" + table)
-    print(f"total {time.time() - t0:.0f}s")
-    (args.output / "quality.txt").write_text(table + "\n")
-    if failed:
-        raise SystemExit(f"seeds {failed} failed")
+    forwarded = ["--vit_epochs", str(args.vit_epochs), "--unet_epochs", str(args.unet_epochs),
+                 "--iterations", str(args.iterations)]
+    seed_benchmark_main(args, __file__, forwarded, run_one_seed, aggregate, "quality.txt",
+                        tiles=(args.train_tiles, args.test_tiles))
 
 
 if __name__ == "__main__":

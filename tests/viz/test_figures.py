@@ -15,6 +15,7 @@ from weakseg.viz.figures import (
     attention_mass_mask,
     colorize_mask,
     plot_attention_grid,
+    plot_class_maps,
     plot_gate_map,
     plot_metric_bars,
     plot_pseudomask_panel,
@@ -159,3 +160,19 @@ def test_existing_png_is_replaced(tmp_path: Path) -> None:
     path.write_bytes(b"old")
     plot_metric_bars({"a": {"mIoU": 0.5}}, path, dpi=40)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_maps_one_panel_per_label_of_the_busiest_tile(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    tile = rng.random((13, 16, 16)).astype(np.float32)
+    mask = rng.integers(0, 8, (16, 16)).astype(np.uint8)
+    rows = [
+        {"id": "a", "image": tile, "ground truth": mask, "mask": mask, "maps": rng.random((8, 4, 4)),
+         "labels": [3, 1, 6], "probs": rng.random(8)},
+        {"id": "b", "image": tile, "ground truth": None, "mask": mask, "maps": np.zeros((8, 4, 4)), "labels": [2]},
+    ]
+    path = plot_class_maps(rows, DFC_CLASS_NAMES, DFC_CLASS_COLORS, tmp_path / "maps.png", title="t", dpi=50)
+    width, _ = png_size(path)
+    assert width == round((3 + 3) * 1.8 * 50)  # true colour, ground truth, mask + 3 maps (the busiest row)
+    with pytest.raises(WeaksegError, match="at least one row"):
+        plot_class_maps([], DFC_CLASS_NAMES, DFC_CLASS_COLORS, tmp_path / "x.png")
