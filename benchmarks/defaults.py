@@ -1,7 +1,7 @@
 """How weakseg's defaults were chosen: every variant scored on the holdout, over several seeds.
 
 The quality benchmark (``quality.py``) compares the *defaults* of every method; this script is where those
-defaults come from. On the built-in synthetic data (data seed 0: 205 ``validation:train`` tiles, 51
+defaults come from. On the built-in synthetic data (data seed 0: 204 ``validation:train`` tiles, 52
 ``validation:holdout`` tiles, 64 ``test`` tiles of 64 x 64) and for each training seed, it trains the classifier
 variants below (30 epochs, checkpoint chosen on the holdout's image labels), makes pseudomasks with the method
 variants below on ``validation:holdout`` and ``validation:train`` (predicted labels), and refines the masks of the

@@ -1,7 +1,7 @@
 """Quality benchmark: every pseudomask method on the same classifiers, over several seeds, with mean and spread.
 
 Runs :func:`weakseg.pipeline.comparison.run_comparison` (what ``weakseg demo`` runs once) for each seed on the
-built-in synthetic data (256 training tiles split into 205 ``validation:train`` + 51 ``validation:holdout``, 64
+built-in synthetic data (256 training tiles split into 204 ``validation:train`` + 52 ``validation:holdout``, 64
 ``test`` tiles of 64 x 64; data seed 0), each seed in its own process with one thread (several seeds run at
 once; the default thread count made concurrent runs 10x slower on 2 cores). Then it prints, per classifier and
 method, the mean and standard deviation over seeds of the pseudomask mIoU on the ``validation:train`` tiles (and

@@ -13,7 +13,7 @@ import rasterio
 from tests.conftest import TINY_VIT_FLAGS
 from weakseg.cli import main
 from weakseg.data import open_dataset
-from weakseg.pipeline.mask_files import read_confidence
+from weakseg.data.mask_files import read_confidence
 from weakseg.pipeline.pseudomasks import assignment_is_best
 
 # ---- is the region -> class assignment the best one? -------------------------------------------------------

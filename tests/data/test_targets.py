@@ -12,7 +12,7 @@ import pytest
 from weakseg.data import open_dataset
 from weakseg.data.targets import TargetMasks, drop_low_confidence, has_confidence_maps, load_targets
 from weakseg.errors import DataError
-from weakseg.pipeline.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
+from weakseg.data.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
 
 TILE = 32
 # Hand-made targets of every tile: rows 0-3 unlabelled, rows 2-9 of low confidence (0.2), the rest 0.9.

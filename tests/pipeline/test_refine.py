@@ -25,7 +25,7 @@ from weakseg.data.synthetic import generate_synthetic_dfc2020
 from weakseg.data.targets import TargetTiles, drop_low_confidence, load_mask_folder
 from weakseg.errors import ConfigError, DataError
 from weakseg.evaluation.compare import evaluate_folder, read_prediction_mask
-from weakseg.pipeline.mask_files import (
+from weakseg.data.mask_files import (
     confidence_path,
     read_confidence,
     write_confidence_geotiff,

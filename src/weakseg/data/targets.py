@@ -2,7 +2,7 @@
 
 Refinement (:mod:`weakseg.pipeline.refine`) trains a UNet on pseudomasks, or on the previous UNet's
 predictions, never on the ground truth it would read through the reader's ``__getitem__``. This module reads
-those masks from a mask folder (:mod:`weakseg.pipeline.mask_files`: ``<id>.tif`` class ids, 255 = unlabelled,
+those masks from a mask folder (:mod:`weakseg.data.mask_files`: ``<id>.tif`` class ids, 255 = unlabelled,
 and ``confidence/<id>.tif``), turns the pixels whose confidence is below a threshold into 255 so the loss
 ignores them, and serves ``(image, mask)`` samples through :class:`TargetTiles`.
 
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.errors import DataError
 from weakseg.evaluation.compare import list_prediction_masks, read_prediction_mask
-from weakseg.pipeline.mask_files import CONFIDENCE_DIR, confidence_path, read_confidence
+from weakseg.data.mask_files import CONFIDENCE_DIR, confidence_path, read_confidence
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def drop_low_confidence(mask: np.ndarray, confidence: np.ndarray, min_confidence
 
     Args:
         mask: uint8 (H, W) class ids, 255 = unlabelled.
-        confidence: float (H, W) in [0, 1], as :func:`~weakseg.pipeline.mask_files.read_confidence` returns.
+        confidence: float (H, W) in [0, 1], as :func:`~weakseg.data.mask_files.read_confidence` returns.
         min_confidence: threshold in [0, 1]; pixels at or above it keep their label.
     """
     if confidence.shape != mask.shape:

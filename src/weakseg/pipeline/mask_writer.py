@@ -1,4 +1,4 @@
-"""Lightning prediction writer that fills a mask folder (:mod:`weakseg.pipeline.mask_files`) with UNet output.
+"""Lightning prediction writer that fills a mask folder (:mod:`weakseg.data.mask_files`) with UNet output.
 
 Each predicted tile becomes ``<out_dir>/<id>.tif`` (argmax class ids) and ``<out_dir>/confidence/<id>.tif``
 (the softmax probability of that class), both georeferenced like the source tile and written atomically. The
@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from weakseg.pipeline.mask_files import (
+from weakseg.data.mask_files import (
     CONFIDENCE_DIR,
     confidence_path,
     write_confidence_geotiff,

@@ -51,7 +51,7 @@ from weakseg.masks.labels import oracle_label_sets, predicted_label_sets
 from weakseg.methods import get_method
 from weakseg.methods.attention_clustering import relabel_regions
 from weakseg.methods.base import PseudomaskMethod
-from weakseg.pipeline.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
+from weakseg.data.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
 log = logging.getLogger(__name__)
