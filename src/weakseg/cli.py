@@ -51,7 +51,10 @@ def setup_logging(quiet: bool) -> None:
                  "lightning.fabric.utilities.rank_zero", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*is not georeferenced.*")
+    # Plain GeoTIFFs/PNGs (the real DFC2020 sample, folder datasets) have no geotransform; weakseg never reads it.
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # A small holdout may lack a class; torchmetrics then warns once per epoch that its average precision is
     # undefined (it is reported as such); the macro F1 that chooses the checkpoint is unaffected.

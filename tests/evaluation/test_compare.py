@@ -342,3 +342,96 @@ def test_command_reports_unknown_split(tmp_path, capsys) -> None:
     (tmp_path / "d").mkdir()
     assert main(["evaluate", "--predictions", str(pred), "--datadir", str(tmp_path / "d"), "--split", "train"]) == 2
     assert "no DFC2020 'train' split" in capsys.readouterr().err
+
+
+# --- prediction values outside the class ids ---
+
+
+def write_int16_tif(path: Path, array: np.ndarray) -> None:
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1], count=1,
+                       dtype="int16") as dst:
+        dst.write(array.astype(np.int16)[None])
+
+
+def test_prediction_ids_at_or_above_the_class_count_are_an_error(
+    tif_dir: Path, ground_truth: FakeGroundTruth
+) -> None:
+    pred = PRED_T2.copy()
+    pred[0, 0] = 3  # K = 3: not a class, not 255
+    pred[1, 2] = 7  # under an ignored ground-truth pixel: refused all the same
+    write_tif(tif_dir / "t2.tif", pred)
+    with pytest.raises(DataError) as err:
+        evaluate_folder(tif_dir, ground_truth)
+    message = str(err.value)
+    assert message.startswith(
+        f"prediction mask {tif_dir / 't2.tif'} holds values that are neither a class id 0..2 "
+        "nor 255 (unlabelled): 3 (1 pixels), 7 (1 pixels);"
+    )
+    assert "'a', 'b', 'c'" in message
+
+
+def test_negative_prediction_ids_in_a_signed_mask_are_an_error(
+    tif_dir: Path, ground_truth: FakeGroundTruth
+) -> None:
+    pred = PRED_T1.astype(np.int16)
+    pred[0, :2] = -1  # "no prediction" written as -1 in an int16 mask
+    write_int16_tif(tif_dir / "t1.tif", pred)
+    with pytest.raises(DataError, match=r"t1.tif holds values that are neither a class id 0..2 nor 255 "
+                                        r"\(unlabelled\): -1 \(2 pixels\);.*e.g. -1"):
+        evaluate_folder(tif_dir, ground_truth)
+
+
+def test_signed_masks_with_valid_ids_and_255_are_scored(tif_dir: Path, ground_truth: FakeGroundTruth) -> None:
+    write_int16_tif(tif_dir / "t1.tif", PRED_T1)
+    write_int16_tif(tif_dir / "t2.tif", PRED_T2)
+    assert evaluate_folder(tif_dir, ground_truth)["confusion_matrix"] == EXPECTED_CM
+
+
+def test_cli_refuses_out_of_range_predictions_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from weakseg.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    (data / "classes.txt").write_text("a\nb\nc\n")
+    (data / "labels.csv").write_text("id,labels\nt1,a;b;c\n")
+    write_png(data / "images" / "t1.png", np.zeros((2, 3), dtype=np.uint8))
+    write_png(data / "masks" / "t1.png", GT_T1)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    pred = PRED_T1.astype(np.int16)
+    pred[1, 1] = -3
+    write_int16_tif(preds / "t1.tif", pred)
+    output = tmp_path / "scores.json"
+    argv = ["evaluate", "--predictions", str(preds), "--datadir", str(data), "--split", "all",
+            "--dataset", "folder", "--output", str(output)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: prediction mask {preds / 't1.tif'} holds values" in err and "-3 (1 pixels)" in err
+    assert not output.exists()
+    write_tif(preds / "t1.tif", PRED_T1)
+    assert main(argv) == 0
+    assert json.loads(output.read_text())["results"]["preds"]["oa"] == pytest.approx(5 / 6)
+
+
+# --- no NotGeoreferencedWarning from plain GeoTIFF masks ---
+
+
+def test_plain_geotiff_masks_are_read_without_not_georeferenced_warning(
+    tif_dir: Path, ground_truth: FakeGroundTruth
+) -> None:
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # overrides pyproject's ignore filter: a leak would be recorded
+        with rasterio.open(tif_dir / "t1.tif") as src:
+            src.read()  # the fixture really is non-georeferenced: rasterio itself warns
+        assert any(issubclass(w.category, NotGeoreferencedWarning) for w in caught)
+        caught.clear()
+        read_prediction_mask(tif_dir / "t1.tif")
+        evaluate_folder(tif_dir, ground_truth)
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]

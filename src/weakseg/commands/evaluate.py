@@ -30,7 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score prediction folders against ground-truth masks (OA, AA, mIoU, per-class IoU)",
         description=(
             "Score one or several folders of <id>.tif / <id>.png prediction masks (255 = unlabelled) against "
-            "the ground truth of a split. Unlabelled pixels count as wrong and are reported as coverage."
+            "the ground truth of a split. Unlabelled pixels count as wrong and are reported as coverage. "
+            "A mask holding any other value outside the class ids (e.g. a negative id) is an error naming "
+            "the file."
         ),
     )
     parser.add_argument(

@@ -13,8 +13,14 @@ is never used for reading (some distributed copies have none).
 
 Scaling (the project default, ``datasets.md`` section 2; the paper's per-image maximum is a normalisation option
 in :mod:`weakseg.data.normalization`): S1 dB clipped to [-25, 0] then ``(x + 25) / 25``; S2 clipped to
-[0, 10000] then ``/ 10000``. Non-finite pixels (NaN, inf) become 0 after scaling, and a warning names the file;
-a tile with no finite pixel at all is an error.
+[0, 10000] then ``/ 10000``. The image is the 13 S2 bands, then (``s1s2``) the 2 S1 bands.
+
+Non-finite values (NaN, +inf, -inf) are found in the values *as read*, before clipping, and become 0 in the
+scaled image, with a warning that names the file. Deciding after clipping would turn +inf into 1.0 (the clip
+maximum) and keep it as if it were a bright pixel. A tile with no finite value at all is an error.
+
+Plain GeoTIFFs without a georeference (some distributed copies) are read without rasterio's
+``NotGeoreferencedWarning``: the reader never uses the georeference, so the warning would only be noise.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from weakseg.data.base import TileDataset, Transform
 from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, remap_dfc
@@ -48,7 +55,7 @@ def read_raster(path: Path, expected_bands: int | None = None) -> np.ndarray:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 arr = src.read()
-    except (RasterioIOError, OSError, ValueError) as e:
+    except (RasterioError, OSError, ValueError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
     if expected_bands is not None and arr.shape[0] != expected_bands:
         raise DataError(f"{path} has {arr.shape[0]} bands, expected {expected_bands}")
@@ -67,7 +74,21 @@ def scale_s2(s2: np.ndarray) -> np.ndarray:
 
 def replace_nonfinite(arr: np.ndarray, path: Path) -> np.ndarray:
     """Replace NaN/inf by 0 (after scaling: no signal), warning with the file name; all-NaN is an error."""
-    finite = np.isfinite(arr)
+    return _zero_where_nonfinite(arr, np.isfinite(arr), path)
+
+
+def scale_finite(raw: np.ndarray, scale: Callable[[np.ndarray], np.ndarray], path: Path) -> np.ndarray:
+    """``scale(raw)`` with the values that are non-finite in ``raw`` set to 0 (see the module docstring).
+
+    The finite test runs on the raw values because clipping maps +inf to the clip maximum (1.0 after scaling).
+    """
+    finite = np.isfinite(raw) if raw.dtype.kind in "fc" else np.ones(raw.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        scaled = scale(raw)
+    return _zero_where_nonfinite(scaled, finite, path)
+
+
+def _zero_where_nonfinite(arr: np.ndarray, finite: np.ndarray, path: Path) -> np.ndarray:
     if finite.all():
         return arr
     if not finite.any():
@@ -197,11 +218,11 @@ class DFC2020Dataset(TileDataset):
 
     def _read_image(self, i: int) -> np.ndarray:
         s2_path = self._s2_files[i]
-        s2 = replace_nonfinite(scale_s2(read_raster(s2_path, 13)), s2_path)
+        s2 = scale_finite(read_raster(s2_path, 13), scale_s2, s2_path)
         if self.s1_dir is None:
             return s2
         s1_path = self._paired(s2_path, "s1", self.s1_dir)
-        s1 = replace_nonfinite(scale_s1(read_raster(s1_path, 2)), s1_path)
+        s1 = scale_finite(read_raster(s1_path, 2), scale_s1, s1_path)
         if s1.shape[1:] != s2.shape[1:]:
             raise DataError(f"{s1_path} is {s1.shape[1]}x{s1.shape[2]} but {s2_path} is {s2.shape[1]}x{s2.shape[2]}")
         return np.concatenate([s2, s1], axis=0)

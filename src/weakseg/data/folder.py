@@ -10,15 +10,66 @@ Layout (see the README for an example)::
                              the masks serve evaluation
       splits/<name>.txt      optional: one id per line; split "all" (the default) is every image
 
-At least one of ``labels.csv`` and ``masks/`` must exist. When both do, ``labels.csv`` gives the training labels
-and the masks are used for evaluation only. Pixel values: uint8 images are divided by 255 and uint16 images by
-10000 (the Sentinel-2 reflectance convention); float images are used as they are (choose
-``--normalization standardize`` for arbitrary ranges).
+Format rules. They are checked when the dataset is opened (file contents: when a tile is first read); every
+violation is a :class:`~weakseg.errors.DataError` that names the file, and the line where there is one.
+
+**Text files** (``classes.txt``, ``labels.csv``, ``splits/*.txt``) are UTF-8. A UTF-8 byte-order mark, as
+Excel's "CSV UTF-8" writes it, is accepted. Any other encoding (Latin-1, Windows-1252, Excel's "Unicode text"
+UTF-16) is an error that names the file, the line of the first undecodable byte and the encoding expected. We
+do not fall back to Latin-1: it decodes any bytes, so a wrong guess would silently turn "Forêt" into "ForÃªt"
+in one file and not in the other, and the mismatch would surface later as an "unknown class" far from its
+cause.
+
+**classes.txt**: one name per line, line order = class id; blank lines and surrounding spaces are ignored.
+Names are matched case-insensitively (``labels.csv`` may write ``Urban`` for ``urban``), so two names that
+differ only by case are duplicates, an error. At most 254 classes (255 is the ignore index). When
+``labels.csv`` exists, a name cannot contain ``,`` or ``;``, the label separators.
+
+**labels.csv** is read with Python's :mod:`csv` module, so quoting is respected:
+
+- The first non-blank line is the header. It names the columns ``id`` and ``labels`` (any case); other columns
+  are allowed and ignored. A header separated by ``;`` or tabs (``id;labels``, as some spreadsheet locales
+  export) is an error that says to use ``,`` between columns and ``;`` between labels.
+- Every row has exactly as many fields as the header. Several labels go in the ``labels`` field separated by
+  ``;`` (``tile7,water;forest``) or, inside a quoted field, by ``,`` (``tile7,"water,forest"``). An unquoted
+  ``tile7,water,forest`` has too many fields and is an error: read leniently it trained with ``water`` only. A
+  row without a labels field (``tile7``) is an error too: it used to train with no label.
+- An explicitly empty labels field (``tile7,``) is allowed and means the image shows **none** of the classes:
+  a negative example for every class. Such images are legitimate (background scenes, and the >= 10 % rule
+  gives the same all-zero labels to a crop where no class reaches 10 %), and the pseudomask step has a
+  documented rule for them (:func:`weakseg.masks.result.label_set_rules`). Because an empty field can also be
+  an export accident, a warning counts these rows, and a file whose every labels field is empty is an error.
+- Empty items between separators are skipped (``water;`` is ``water``); a repeated label counts once. Blank
+  lines are skipped. Ids are unique, and every image of the split has a row and every row an image.
+
+**Labels**: with ``labels.csv``, the training labels come from it alone. They are whole-image labels, so a
+random crop keeps them, and the masks (if any) serve evaluation only. Without ``labels.csv``, labels follow
+the >= 10 % rule on the mask of the (cropped) sample (:func:`weakseg.data.base.multi_hot_from_mask`). At least
+one of the two must exist.
+
+**images/**: ``<id>.tif|.tiff|.png|.jpg|.jpeg`` (one file per id); every image of a dataset has the same band
+count. Pixel values: uint8 images are divided by 255; uint16 images by 10000 (the Sentinel-2 reflectance
+convention; not clipped, so a reflectance above 10000 stays above 1); every other type (float, int16, int32,
+uint32) is used as it is (choose ``--normalization standardize`` for arbitrary ranges). NaN/inf values become
+0 with a warning that names the file; an image with no finite value is an error.
+
+**masks/**: ``<id>.tif|.tiff|.png`` (lossless; a JPEG mask is an error because compression changes class ids),
+a single band of integer class ids ``0..K-1`` or 255 = ignore, the same size as the image. Any other value,
+including the negative values of a signed mask, is an error listing the offending values.
+
+**splits/<name>.txt**: one id per line, each at most once; every id has an image; an empty list is an error.
+
+Plain (non-georeferenced) GeoTIFFs are read without rasterio's ``NotGeoreferencedWarning``: the reader never
+uses the georeference, so the warning would only be noise.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,42 +82,89 @@ from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.dfc2020 import read_raster, replace_nonfinite
 from weakseg.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".tif", ".tiff", ".png")
+#: Label separators inside the ``labels`` field of labels.csv (',' only inside a quoted field).
+LABEL_SEPARATORS = (";", ",")
+_LABEL_SPLIT = re.compile(r"[;,]")
 _DEFAULT_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )
+#: How many ids / values an error message lists.
+_SHOWN = 5
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file, without its byte-order mark; other encodings: a DataError naming the file.
+
+    See the module docstring for why there is no Latin-1 fallback.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{path} is UTF-16 text (Excel's 'Unicode text'); save it as UTF-8 (in Excel: 'CSV UTF-8')"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}; Latin-1 or Windows-1252?): "
+            "save the file with encoding UTF-8 (in Excel: 'CSV UTF-8')"
+        ) from e
 
 
 def _read_any(path: Path, bands: int | None = None) -> np.ndarray:
-    """(C, H, W) array from a GeoTIFF or a PNG/JPEG."""
+    """(C, H, W) array from a GeoTIFF or a PNG/JPEG; 1-bit images come as uint8 0/1."""
     if path.suffix.lower() in (".tif", ".tiff"):
-        return read_raster(path, bands)
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    if bands is not None and arr.shape[0] != bands:
-        raise DataError(f"{path} has {arr.shape[0]} bands, expected {bands}")
-    return arr
+        arr = read_raster(path, bands)
+    else:
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"cannot read {path}: {e}") from e
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if bands is not None and arr.shape[0] != bands:
+            raise DataError(f"{path} has {arr.shape[0]} bands, expected {bands}")
+    return arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
 
 
-def _index_folder(folder: Path) -> dict[str, Path]:
+def _index_folder(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """Map id -> file for the files of ``folder`` ending in ``suffixes``; two files for one id: an error."""
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_SUFFIXES and suffix not in suffixes:
+            raise DataError(
+                f"{p}: masks must be lossless ({', '.join(suffixes)}); JPEG compression changes class ids"
+            )
+        if suffix in suffixes:
             if p.stem in files:
-                raise DataError(f"{folder} holds two files for id {p.stem!r}: {files[p.stem].name} and {p.name}")
+                raise DataError(
+                    f"{folder} holds two files for id {p.stem!r}: {files[p.stem].name} and {p.name}"
+                )
             files[p.stem] = p
     return files
+
+
+def _some(items: list[Any]) -> str:
+    shown = ", ".join(repr(i) for i in items[:_SHOWN])
+    return shown if len(items) <= _SHOWN else f"{shown}, ... ({len(items)} in total)"
 
 
 class FolderDataset(TileDataset):
     """Images with image-level labels (CSV) and/or masks, as dict samples like :class:`DFC2020Dataset`.
 
     Args:
-        root: the dataset folder (layout in the module docstring).
+        root: the dataset folder (layout and format rules in the module docstring).
         split: "all" or the name of a list in ``splits/``.
         modality: accepted for the common reader interface; only "s2" (meaning: the images as they are) is
             valid, because a folder's images already carry all their bands.
@@ -86,14 +184,15 @@ class FolderDataset(TileDataset):
     ) -> None:
         if modality != "s2":
             raise ConfigError(
-                f"modality {modality!r} (--multimodal) applies to DFC2020; a folder dataset's images are used with "
-                "all their bands: stack S1 and S2 into one GeoTIFF per tile instead"
+                f"modality {modality!r} (--multimodal) applies to DFC2020; a folder dataset's images are "
+                "used with all their bands: stack S1 and S2 into one GeoTIFF per tile instead"
             )
         super().__init__(transform, label_threshold, cache)
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (--datadir)")
+        self._class_lines: dict[str, int] = {}
         self.class_names = self._read_classes()
         self.class_colors = tuple(_DEFAULT_COLORS[i % len(_DEFAULT_COLORS)] for i in range(self.num_classes))
         images_dir = self.root / "images"
@@ -102,80 +201,198 @@ class FolderDataset(TileDataset):
         images = _index_folder(images_dir)
         masks_dir = self.root / "masks"
         self.has_masks = masks_dir.is_dir()
-        masks = _index_folder(masks_dir) if self.has_masks else {}
+        masks = _index_folder(masks_dir, MASK_SUFFIXES) if self.has_masks else {}
         labels_csv = self.root / "labels.csv"
         self._csv_labels = self._read_labels(labels_csv) if labels_csv.is_file() else None
         if self._csv_labels is None and not self.has_masks:
             raise DataError(f"{self.root} has neither labels.csv nor masks/: image-level labels are needed")
         ids = self._split_ids(images)
-        missing_img = [i for i in ids if i not in images]
-        if missing_img:
-            raise DataError(f"split {split!r} lists {len(missing_img)} id(s) with no image in {images_dir}: {missing_img[:5]}")
+        if not ids:
+            raise DataError(
+                f"split 'all' of {self.root} is empty: {images_dir} holds no image "
+                f"({', '.join(IMAGE_SUFFIXES)})"
+            )
         if self._csv_labels is not None:
             unlabelled = [i for i in ids if i not in self._csv_labels]
             if unlabelled:
-                raise DataError(f"{len(unlabelled)} image(s) have no row in {labels_csv}: {unlabelled[:5]}")
+                raise DataError(
+                    f"{len(unlabelled)} image(s) have no row in {labels_csv}: {_some(unlabelled)}"
+                )
             orphan = sorted(set(self._csv_labels) - set(images))
             if orphan:
-                raise DataError(f"{labels_csv} has rows for {len(orphan)} id(s) with no image in {images_dir}: {orphan[:5]}")
+                raise DataError(
+                    f"{labels_csv} has rows for {len(orphan)} id(s) with no image in {images_dir}: "
+                    f"{_some(orphan)}"
+                )
         if self.has_masks:
             no_mask = [i for i in ids if i not in masks]
             if no_mask:
-                raise DataError(f"{len(no_mask)} image(s) have no mask in {masks_dir}: {no_mask[:5]}")
-        if not ids:
-            raise DataError(f"split {split!r} of {self.root} is empty")
+                raise DataError(f"{len(no_mask)} image(s) have no mask in {masks_dir}: {_some(no_mask)}")
         self.ids = ids
         self._images = [images[i] for i in ids]
         self._masks = [masks[i] for i in ids] if self.has_masks else None
-        self._bands: int | None = None
+        self._bands: tuple[int, Path] | None = None  # band count of the first image read, and that image
 
     # ---- metadata files ---------------------------------------------------------------------------------
     def _read_classes(self) -> tuple[str, ...]:
         path = self.root / "classes.txt"
         if not path.is_file():
             raise DataError(f"{path} does not exist: list one class name per line")
-        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        names: list[str] = []
+        first_line: dict[str, int] = {}
+        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+            name = line.strip()
+            if not name:
+                continue
+            key = name.lower()
+            if key in first_line:
+                raise DataError(
+                    f"{path} line {line_no}: class {name!r} is listed twice (first on line "
+                    f"{first_line[key]}; names are matched case-insensitively)"
+                )
+            first_line[key] = line_no
+            self._class_lines[name] = line_no
+            names.append(name)
         if not names:
             raise DataError(f"{path} lists no class")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise DataError(f"{path} lists class(es) twice: {dup}")
         if len(names) >= IGNORE_INDEX:
             raise DataError(f"{path} lists {len(names)} classes; at most {IGNORE_INDEX - 1} are supported")
-        return names
+        return tuple(names)
 
     def _read_labels(self, path: Path) -> dict[str, np.ndarray]:
+        """labels.csv -> {id: multi-hot}, strictly (the rules are in the module docstring)."""
+        for name in self.class_names:
+            if any(sep in name for sep in LABEL_SEPARATORS):
+                raise DataError(
+                    f"{self.root / 'classes.txt'} line {self._class_lines[name]}: class {name!r} contains "
+                    f"',' or ';', which separate labels in {path}; rename the class"
+                )
         index = {n.lower(): i for i, n in enumerate(self.class_names)}
+        reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True, skipinitialspace=True)
         out: dict[str, np.ndarray] = {}
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"id", "labels"} <= set(reader.fieldnames):
-                raise DataError(f"{path} must have a header with columns 'id' and 'labels'")
-            for row_no, row in enumerate(reader, start=2):
-                tile = (row["id"] or "").strip()
+        first_line: dict[str, int] = {}
+        empty: list[str] = []
+        try:
+            header = next((row for row in reader if any(field.strip() for field in row)), None)
+            if header is None:
+                raise DataError(f"{path} is empty: it needs a header line 'id,labels' and one row per image")
+            id_col, labels_col = self._header_columns(path, reader.line_num, header)
+            example = "tile_003,Grassland;Wetlands;Water or tile_003,\"Grassland,Wetlands,Water\""
+            for row in reader:
+                line_no = reader.line_num
+                if len(row) <= 1 and not "".join(row).strip():
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise DataError(self._field_count_message(path, line_no, row, header, example))
+                tile = row[id_col].strip()
                 if not tile:
-                    raise DataError(f"{path} line {row_no}: empty id")
+                    raise DataError(f"{path} line {line_no}: empty id")
                 if tile in out:
-                    raise DataError(f"{path} line {row_no}: id {tile!r} appears twice")
+                    raise DataError(
+                        f"{path} line {line_no}: id {tile!r} appears twice (first on line {first_line[tile]})"
+                    )
                 vec = np.zeros(len(self.class_names), dtype=np.float32)
-                for name in filter(None, (s.strip() for s in (row["labels"] or "").split(";"))):
+                for name in filter(None, (s.strip() for s in _LABEL_SPLIT.split(row[labels_col]))):
                     if name.lower() not in index:
                         raise DataError(
-                            f"{path} line {row_no}: unknown class {name!r} for {tile!r}; classes.txt has "
+                            f"{path} line {line_no}: unknown class {name!r} for {tile!r}; classes.txt has "
                             f"{list(self.class_names)}"
                         )
                     vec[index[name.lower()]] = 1.0
+                if not vec.any():
+                    empty.append(tile)
                 out[tile] = vec
+                first_line[tile] = line_no
+        except csv.Error as e:
+            raise DataError(
+                f"{path} line {reader.line_num}: {e}; quote a field with '\"' at both ends (\"water,forest\")"
+            ) from e
+        if out and len(empty) == len(out):
+            raise DataError(
+                f"every labels field in {path} is empty: no image has a label to learn from (write the "
+                "labels after the id, separated by ';', e.g. tile7,water;forest)"
+            )
+        if empty:
+            log.warning(
+                "%s: %d image(s) have an empty labels field and are trained as showing none of the "
+                "classes: %s",
+                path, len(empty), _some(empty),
+            )
         return out
+
+    @staticmethod
+    def _header_columns(path: Path, line_no: int, header: list[str]) -> tuple[int, int]:
+        """Positions of the 'id' and 'labels' columns; a ';'- or tab-separated header gets a hint."""
+        names = [h.strip().lower() for h in header]
+        if "id" not in names or "labels" not in names:
+            separator = next((s for s in (";", "\t", "|") if any(s in h for h in header)), None)
+            if separator is not None:
+                shown = "tab" if separator == "\t" else repr(separator)
+                raise DataError(
+                    f"{path} line {line_no}: the header {','.join(header)!r} separates columns with {shown}; "
+                    "use ',' between columns and ';' between labels (header id,labels; rows like "
+                    "tile7,water;forest)"
+                )
+            raise DataError(
+                f"{path} must have a header with columns 'id' and 'labels' (line {line_no} is "
+                f"{','.join(header)!r})"
+            )
+        if "" in names:
+            raise DataError(f"{path} line {line_no}: the header has an empty column name (a stray ',')")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DataError(f"{path} line {line_no}: the header names column(s) {dup} twice")
+        return names.index("id"), names.index("labels")
+
+    @staticmethod
+    def _field_count_message(
+        path: Path, line_no: int, row: list[str], header: list[str], example: str
+    ) -> str:
+        where = (
+            f"{path} line {line_no}: {len(row)} field(s) {row!r} but the header has {len(header)} "
+            f"({','.join(header)})"
+        )
+        if len(row) > len(header):
+            return (
+                f"{where}. Several labels go in one field: separate them with ';' or quote the field "
+                f"({example})"
+            )
+        if len(row) == 1 and any(s in row[0] for s in (";", "\t")):
+            return f"{where}. Use ',' between columns and ';' between labels ({example})"
+        return (
+            f"{where}. Every row needs all the columns; write 'tile_004,' (an empty labels field) for an "
+            "image that shows none of the classes"
+        )
 
     def _split_ids(self, images: dict[str, Path]) -> list[str]:
         if self.split == "all":
             return sorted(images)
         path = self.root / "splits" / f"{self.split}.txt"
         if not path.is_file():
-            have = sorted(p.stem for p in (self.root / "splits").glob("*.txt")) if (self.root / "splits").is_dir() else []
+            splits_dir = self.root / "splits"
+            have = sorted(p.stem for p in splits_dir.glob("*.txt")) if splits_dir.is_dir() else []
             raise DataError(f"split {self.split!r} not found: no {path}; available: {['all', *have]}")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids: list[str] = []
+        first_line: dict[str, int] = {}
+        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+            tile = line.strip()
+            if not tile:
+                continue
+            if tile in first_line:
+                raise DataError(
+                    f"{path} line {line_no}: id {tile!r} is listed twice (first on line {first_line[tile]})"
+                )
+            first_line[tile] = line_no
+            ids.append(tile)
+        if not ids:
+            raise DataError(f"split {self.split!r} is empty: {path} lists no id")
+        missing = [i for i in ids if i not in images]
+        if missing:
+            raise DataError(
+                f"split {self.split!r} lists {len(missing)} id(s) with no image in {self.root / 'images'}: "
+                f"{_some(missing)} ({path} line {first_line[missing[0]]})"
+            )
+        return ids
 
     def _restrict_files(self, indices: list[int]) -> None:
         self._images = [self._images[i] for i in indices]
@@ -191,10 +408,16 @@ class FolderDataset(TileDataset):
         return self._masks[i]
 
     def _read_image(self, i: int) -> np.ndarray:
+        """Scaled image (rules in the module docstring: uint8 / 255, uint16 / 10000, others as they are)."""
         path = self._images[i]
-        arr = _read_any(path, self._bands)
+        arr = _read_any(path)
         if self._bands is None:
-            self._bands = arr.shape[0]
+            self._bands = (arr.shape[0], path)
+        elif arr.shape[0] != self._bands[0]:
+            raise DataError(
+                f"{path} has {arr.shape[0]} bands, expected {self._bands[0]} like {self._bands[1].name}: "
+                "every image of a folder dataset needs the same bands"
+            )
         if arr.dtype == np.uint8:
             img = arr.astype(np.float32) / 255.0
         elif arr.dtype == np.uint16:
@@ -206,10 +429,16 @@ class FolderDataset(TileDataset):
     def _read_mask(self, i: int) -> np.ndarray:
         path = self.mask_path(i)
         mask = _read_any(path, 1)[0]
-        bad = (mask != IGNORE_INDEX) & (mask >= self.num_classes)
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise DataError(f"{path} holds {mask.dtype} values; a mask holds integer class ids (uint8)")
+        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
+            values = np.unique(mask[bad]).tolist()
+            noun = "class id" if len(values) == 1 else "class ids"
             raise DataError(
-                f"{path} holds class id {int(mask[bad].max())} but classes.txt lists {self.num_classes} classes"
+                f"{path} holds {noun} {', '.join(map(str, values[:10]))} but classes.txt lists "
+                f"{self.num_classes} classes (ids 0..{self.num_classes - 1}, 255 = ignore); "
+                f"{int(bad.sum())} pixel(s) affected"
             )
         return mask.astype(np.uint8)
 

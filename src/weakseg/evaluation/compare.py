@@ -17,10 +17,23 @@ interrupted run), and a score over a silent subset is misleading, so by default:
 
 When several folders are compared, the ground truth of each tile is read once and all folders are scored in
 the same pass; every check runs on every folder before any mask is read, so a mistake fails in seconds.
+
+**Values.** A prediction mask may hold class ids ``0..K-1`` and 255 (unlabelled), nothing else. Any other
+value (an id >= K, or a negative id in a signed mask, e.g. int16 with -1 for "no prediction") is an error that
+names the file and the offending values with their pixel counts (:func:`check_prediction_ids`). Such values
+mean the mask does not follow this project's format: predictions over another class list (raw DFC2020 ids
+1..10 that were never remapped), a colour palette saved instead of ids, or another no-data convention. Scoring
+them as unlabelled, as :class:`~weakseg.evaluation.metrics.ConfusionMatrix` does for a library caller, would
+lower the scores with no hint why; and no writer in this project produces them, so no use case needs the
+silent path.
+
+Plain (non-georeferenced) GeoTIFF masks are read without rasterio's ``NotGeoreferencedWarning``: evaluation
+never uses the georeference, so the warning would only be noise.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,8 +41,9 @@ from typing import Any, Protocol
 import numpy as np
 import rasterio
 from PIL import Image
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from weakseg.data.classes import IGNORE_INDEX
 from weakseg.errors import DataError
 from weakseg.evaluation.metrics import ConfusionMatrix, compute_scores
 
@@ -100,13 +114,16 @@ def read_prediction_mask(path: Path) -> np.ndarray:
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            with rasterio.open(path) as src:
-                if src.count != 1:
-                    raise DataError(
-                        f"prediction mask {path} has {src.count} bands; "
-                        "a mask must be a single band of class ids"
-                    )
-                mask = src.read(1)  # (H, W)
+            with warnings.catch_warnings():
+                # Plain TIFFs have no georeference, and evaluation needs none.
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    if src.count != 1:
+                        raise DataError(
+                            f"prediction mask {path} has {src.count} bands; "
+                            "a mask must be a single band of class ids"
+                        )
+                    mask = src.read(1)  # (H, W)
         else:
             with Image.open(path) as image:
                 bands = image.getbands()
@@ -126,6 +143,31 @@ def read_prediction_mask(path: Path) -> np.ndarray:
             f"prediction mask {path} holds {mask.dtype} values; a mask holds integer class ids (uint8)"
         )
     return mask
+
+
+def check_prediction_ids(mask: np.ndarray, path: Path, class_names: Sequence[str]) -> None:
+    """Refuse a prediction mask holding values other than class ids ``0..K-1`` and 255 (module docstring).
+
+    Every pixel is checked, including those whose ground truth is ignored: a single foreign value shows that
+    the whole file follows another convention.
+
+    Raises:
+        DataError: naming ``path``, the offending values with their pixel counts, and the valid ids.
+    """
+    k = len(class_names)
+    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= k))
+    if not bad.any():
+        return
+    values, counts = np.unique(mask[bad], return_counts=True)
+    shown = ", ".join(f"{int(v)} ({int(c)} pixels)" for v, c in zip(values[:10], counts[:10], strict=True))
+    if len(values) > 10:
+        shown += f", ... ({len(values)} values in total)"
+    raise DataError(
+        f"prediction mask {path} holds values that are neither a class id 0..{k - 1} nor {IGNORE_INDEX} "
+        f"(unlabelled): {shown}; a mask holds the ids of the dataset's classes "
+        f"({_some_ids(list(class_names))}) and {IGNORE_INDEX} where it gives no class; convert other ids or "
+        "no-data values (e.g. -1) first"
+    )
 
 
 class _FolderPlan:
@@ -207,6 +249,7 @@ def _evaluate_many(
                     f"prediction mask {path} is {pred.shape[0]}x{pred.shape[1]} (height x width) but the "
                     f"ground truth of tile {tile_id!r} is {gt.shape[0]}x{gt.shape[1]}"
                 )
+            check_prediction_ids(pred, path, class_names)
             try:
                 matrices[name].update(gt, pred)
             except DataError as error:

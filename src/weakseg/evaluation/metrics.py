@@ -18,7 +18,11 @@ prediction. Ground-truth pixels equal to :data:`~weakseg.data.classes.IGNORE_IND
 uncertain pixels). Such a pixel, and any predicted id outside ``0..K-1``, counts as *wrong* for its
 ground-truth class (it lowers that class's recall and IoU, and OA) and is also reported separately as
 ``unlabelled_pixels`` and ``coverage = 1 - unlabelled / evaluated``, so a sparse but precise method is neither
-rewarded for abstaining nor hidden.
+rewarded for abstaining nor hidden. Counting ids outside ``0..K-1`` as unlabelled keeps
+:class:`ConfusionMatrix` total for library callers (e.g. batches of model outputs); files scored by ``weakseg
+evaluate`` (:mod:`weakseg.evaluation.compare`) never get this far with such values: they are refused with the
+file name and the offending values, because there they mean a wrong class list or no-data convention, not
+abstention.
 """
 
 from __future__ import annotations
