@@ -1,4 +1,4 @@
-"""Every reader rejects bad input with a DataError naming the file: one damaged dataset per case."""
+"""Every reader rejects bad input with a DataError naming the file: one damaged dataset per case.
 
 Every case starts from a valid dataset, damages one thing, then opens the dataset and reads every tile (some
 problems can only show when a file is read). The expected path is given relative to the dataset root and must
