@@ -205,3 +205,200 @@ def test_token_masking_on_a_one_cls_model_is_refused(tiny_dfc, tmp_path, capsys)
     code = main(["train", "--datadir", str(tiny_dfc), "--token_mask_rate", "0.5", "--output_dir",
                  str(tmp_path / "x"), *TINY_VIT_FLAGS])
     assert code == 2 and "--arch class_tokens" in capsys.readouterr().err
+
+
+# ---- settings are checked before anything runs (issue 7) ----------------------------------------------------
+def _forbid_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad settings must be refused while resolving them: reaching the run (data, model) fails the test."""
+    import weakseg.commands.train as command
+    import weakseg.pipeline.train as pipeline
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the run started although its settings are invalid")
+
+    monkeypatch.setattr(command, "train", refuse)
+    monkeypatch.setattr(pipeline, "ensure_data", refuse)
+
+
+@pytest.mark.parametrize("extra, setting", [
+    (["--train_batch_size", "0"], "--train_batch_size"),
+    (["--train_batch_size", "-4"], "--train_batch_size"),
+    (["--num_epochs", "-2"], "--num_epochs"),
+    (["--num_epochs", "0"], "--num_epochs"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--learning_rate", "-0.001"], "--learning_rate"),
+    (["--accumulate_grad", "0"], "--accumulate_grad"),
+    (["--num_devices", "0"], "--num_devices"),
+    (["--token_mask_rate", "1.5"], "--token_mask_rate"),
+    (["--token_mask_rate", "-0.5"], "--token_mask_rate"),
+    (["--pr_rate", "-0.1"], "--pr_rate"),
+    (["--gate_lr_scale", "0"], "--gate_lr_scale"),
+    (["--l0_warmup_steps", "-1"], "--l0_warmup_steps"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--val_split", "validation:test"], "--val_split"),
+    (["--train_split", "validation:"], "--train_split"),
+    (["--imgsize", "32", "32", "32"], "--imgsize"),
+    (["--imgsize", "0"], "--imgsize"),
+    (["--seed", "-1"], "--seed"),
+    (["--num_workers", "-1"], "--num_workers"),
+    (["--precision", "fp8"], "--precision"),
+    (["--accelerator", "quantum"], "--accelerator"),
+    (["--weight_decay", "-0.1"], "--weight_decay"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs"),
+    (["--depth", "0"], "--depth"),
+    (["--mlp_ratio", "0"], "--mlp_ratio"),
+    (["--num_register_tokens", "-1"], "--num_register_tokens"),
+    (["--augmentations", "rotate"], "--augmentations"),
+    (["--output_dir", ""], "--output_dir"),
+])
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch, extra, setting):
+    _forbid_training(monkeypatch)
+    code = main(["train", "--datadir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "x"), *TINY_VIT_FLAGS,
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: {setting}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("yaml_text, setting", [
+    ("num_epochs: three\n", "num_epochs"),
+    ("num_epochs: 0\n", "num_epochs"),
+    ("num_epochs: 2.5\n", "num_epochs"),
+    ("learning_rate: fast\n", "learning_rate"),
+    ("learning_rate: -1e-3\n", "learning_rate"),
+    ("imgsize: [32, big]\n", "imgsize"),
+    ("imgsize: [32, 32, 32]\n", "imgsize"),
+    ("train_batch_size: 0\n", "train_batch_size"),
+    ("eval_batch_size: 0\n", "eval_batch_size"),
+    ("optimizer: lamb\n", "optimizer"),
+    ("arch: resnet\n", "arch"),
+    ("dataset: imagenet\n", "dataset"),
+    ("normalization: minmax\n", "normalization"),
+    ("prune: maybe\n", "prune"),
+    ("val_split: no\n", "val_split"),  # YAML reads no as false
+    ("label_threshold: 1.5\n", "label_threshold"),
+    ("label_threshold: 0\n", "label_threshold"),
+    ("token_mask_rate: 2\n", "token_mask_rate"),
+    ("augmentations: {fliprot: 1}\n", "augmentations"),
+    ("synthetic_tiles: [10]\n", "synthetic_tiles"),
+    ("gate_init: .nan\n", "gate_init"),
+    ("preset: huge\n", "preset"),
+])
+def test_bad_yaml_values_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch, yaml_text, setting):
+    _forbid_training(monkeypatch)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    code = main(["train", "--config", str(config), "--datadir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: {setting} in config file {config}: " in err and "Traceback" not in err
+
+
+def test_unambiguous_yaml_spellings_are_coerced(tmp_path):
+    config = tmp_path / "run.yaml"
+    # PyYAML reads 1e-3 (no dot) as a string and 32 as a scalar where a list is expected.
+    config.write_text("learning_rate: 1e-3\nimgsize: 32\nnum_epochs: 3.0\naugmentations: affine\n"
+                      "num_register_tokens: none\nprecision: 32\n")
+    cfg = resolve_config(build_parser().parse_args(["train", "--config", str(config)]))
+    assert cfg.learning_rate == 0.001 and isinstance(cfg.learning_rate, float)
+    assert cfg.imgsize == [32, 32] and cfg.num_epochs == 3 and isinstance(cfg.num_epochs, int)
+    assert cfg.augmentations == ["affine"] and cfg.num_register_tokens is None and cfg.precision == "32"
+
+
+def test_preset_flag_wins_over_the_yaml_preset(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: paper\nnum_epochs: 3\n")
+    cfg = resolve_config(build_parser().parse_args(["train", "--config", str(config), "--preset", "cpu"]))
+    assert (cfg.embed_dim, cfg.num_epochs) == (96, 3)
+    assert resolve_config(build_parser().parse_args(["train", "--config", str(config)])).embed_dim == 1024
+
+
+def test_settings_built_in_code_are_checked_before_data(tmp_path, monkeypatch):
+    """The demo and the benchmarks call train() with a TrainConfig: the same checks apply, before any data."""
+    from weakseg.errors import ConfigError
+    from weakseg.pipeline.train import TrainConfig, train
+
+    _forbid_training(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^num_epochs in TrainConfig: must be at least 1, got 0"):
+        train(TrainConfig(output_dir=str(tmp_path / "x"), num_epochs=0))
+    with pytest.raises(ConfigError, match=r"^learning_rate in TrainConfig: expected a number"):
+        train(TrainConfig(output_dir=str(tmp_path / "x"), learning_rate="fast"))  # type: ignore[arg-type]
+
+
+# ---- last.ckpt, --resume and metrics.csv ------------------------------------------------------------------
+def _metric_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open(newline="")))
+
+
+def test_resume_after_a_kill_continues_from_the_last_epoch_and_keeps_every_metrics_row(tiny_dfc, tmp_path,
+                                                                                       monkeypatch):
+    """Train 3 epochs, killed in the third; --resume continues from epoch 2's end and metrics.csv stays whole."""
+    from weakseg.tasks.classification import ClassificationTask
+
+    out = tmp_path / "run"
+    argv = ["train", "--datadir", str(tiny_dfc), "--prune", "--output_dir", str(out), *TINY_VIT_FLAGS,
+            "--num_epochs", "3", "--seed", "1"]
+    step = ClassificationTask.training_step
+
+    def killed_in_epoch_3(self, batch, batch_idx):
+        if self.current_epoch == 2 and batch_idx == 1:
+            raise RuntimeError("simulated kill")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ClassificationTask, "training_step", killed_in_epoch_3)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(argv)
+    monkeypatch.setattr(ClassificationTask, "training_step", step)
+    # 19 training tiles, batch 8, drop_last: 2 steps per epoch. last.ckpt is the end of epoch 2 (index 1), not
+    # the best epoch.
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
+    assert best["epoch"] == 0  # this seed's best is the first epoch: the old last.ckpt was this one
+    before = _metric_rows(out / "metrics.csv")
+    assert any(r["epoch"] == "2" for r in before)  # the interrupted epoch logged a step before the kill
+
+    assert main([*argv, "--resume"]) == 0
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    rows = _metric_rows(out / "metrics.csv")
+    assert [r["epoch"] for r in rows if r["val_macro_f1"]] == ["0", "1", "2"]
+    assert [r["epoch"] for r in rows if r["train_macro_f1"]] == ["0", "1", "2"]
+    assert sorted(int(r["step"]) for r in rows if r["train_loss"]) == list(range(6))
+    assert sorted(int(r["step"]) for r in rows if r["lr-AdamW/pg1"]) == list(range(6))
+    # The rows of the first two epochs are the ones logged before the kill, unchanged.
+    def finished(rs):
+        return [{k: v for k, v in r.items() if v} for r in rs if r["epoch"] in ("0", "1") or
+                (not r["epoch"] and int(r["step"]) < 4)]
+    assert finished(rows) == finished(before)
+
+
+def test_resume_from_a_broken_checkpoint_is_refused_before_data(tmp_path, capsys, monkeypatch):
+    _forbid_training(monkeypatch)
+    import weakseg.commands.train as command
+    from weakseg.pipeline.train import train
+
+    monkeypatch.setattr(command, "train", train)  # the real run, but no data may be read
+    ckpt = tmp_path / "x" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    code = main(["train", "--output_dir", str(tmp_path / "x"), "--resume", *TINY_VIT_FLAGS])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot read checkpoint {ckpt} (--resume)" in err
+    assert "not a complete PyTorch checkpoint" in err
+
+
+def test_demo_training_options_reach_the_optimizer_and_the_gates(tiny_dfc, tmp_path):
+    """configs/cpu_demo.yaml through the real CLI: gate lr x5, gates start at log alpha 1, L0 options recorded."""
+    out = tmp_path / "demo"
+    assert main(["train", "--config", str(CONFIGS / "cpu_demo.yaml"), "--datadir", str(tiny_dfc),
+                 "--output_dir", str(out), *TINY_VIT_FLAGS, "--learning_rate", "0.001", "--val_split", "none"]) == 0
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["gate_lr_scale"], hp["l0_normalize"], hp["l0_warmup_steps"], hp["pr_rate"]) == (5.0, True, 100, 0.35)
+    assert hp["model"]["gate_init"] == 1.0
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert sorted(g["initial_lr"] for g in groups) == pytest.approx([0.001, 0.001, 0.005])
+    gates = torch.cat([v.flatten() for k, v in ckpt["state_dict"].items() if k.endswith("log_alpha")])
+    # 2 Adam steps of at most ~lr x 5 each from 1.0 (Xavier-uniform would spread them over about [-1, 1])
+    assert gates.numel() == 8 and ((gates - 1.0).abs() < 0.05).all()

@@ -145,3 +145,154 @@ def test_training_step_with_the_default_rate_runs() -> None:
     assert torch.isfinite(loss)
     assert not calls[-1][data["label"] > 0.5].any()
     assert task.hparams.arch == "class_tokens"
+
+
+# ---- training options the demo relies on ---------------------------------------------------------------------
+def _param_groups(task: ClassificationTask) -> dict[str, dict]:
+    """Parameter name -> its optimizer param group (each parameter must be in exactly one)."""
+    opt = task.configure_optimizers()
+    group_of = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert id(p) not in group_of, "a parameter is in two groups"
+            group_of[id(p)] = group
+    names = dict(task.model.named_parameters())
+    assert set(group_of) == {id(p) for p in names.values()}, "a parameter is in no group"
+    return {name: group_of[id(p)] for name, p in names.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_gate_learning_rate_is_scaled_and_other_parameters_keep_the_base_rate(optimizer: str) -> None:
+    task = ClassificationTask(model=ONE_CLS, prune=True, lr=2e-3, gate_lr_scale=5.0, optimizer=optimizer,
+                              lr_scheduler=False)
+    groups = _param_groups(task)
+    gates = [name for name in groups if name.endswith("log_alpha")]
+    assert len(gates) == ONE_CLS["depth"]
+    for name, group in groups.items():
+        assert group["lr"] == pytest.approx(1e-2 if name in gates else 2e-3), name
+
+
+def test_weight_decay_skips_gates_norms_biases_and_embeddings() -> None:
+    task = ClassificationTask(model=CLASS_TOKENS, prune=True, weight_decay=0.07, lr_scheduler=False,
+                              arch="class_tokens")
+    groups = _param_groups(task)
+    decayed = {name for name, group in groups.items() if group["weight_decay"] > 0}
+    assert all(groups[name]["weight_decay"] == pytest.approx(0.07) for name in decayed)
+    plain = set(groups) - decayed
+    assert {"pos_embed", "cls_token", "reg_token"} <= plain
+    assert {name for name in groups if name.endswith("log_alpha")} <= plain
+    assert all(name in plain for name in groups if name.endswith(".bias") or ".norm" in name or "norm" in name)
+    # the matrices are decayed: attention, MLP, patch embedding and head weights
+    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.fc1.weight" in decayed
+    assert "patch_embed.proj.weight" in decayed and "head.weight" in decayed
+    assert decayed == {name for name, p in task.model.named_parameters()
+                       if p.ndim >= 2 and not name.endswith("log_alpha")
+                       and name not in ("pos_embed", "cls_token", "reg_token")}
+
+
+def test_gate_init_sets_every_initial_log_alpha() -> None:
+    torch.manual_seed(0)
+    task = ClassificationTask(model={**ONE_CLS, "gate_init": 1.5}, prune=True)
+    alphas = torch.cat([g.log_alpha.detach().flatten() for g in task.model.gates])
+    assert alphas.numel() == 4 and torch.equal(alphas, torch.full((4,), 1.5))
+    default = ClassificationTask(model=ONE_CLS, prune=True)  # Xavier-uniform: spread, not constant
+    assert torch.cat([g.log_alpha.detach().flatten() for g in default.model.gates]).unique().numel() == 4
+
+
+def _at_step(task: ClassificationTask, step: int):
+    from unittest.mock import PropertyMock, patch
+
+    return patch.object(type(task), "global_step", new_callable=PropertyMock, return_value=step)
+
+
+def test_l0_warmup_ramps_lambda_linearly_from_zero() -> None:
+    task = ClassificationTask(model=ONE_CLS, prune=True, pr_rate=0.4, l0_warmup_steps=100)
+    weights = []
+    for step in (0, 25, 50, 100, 300):
+        with _at_step(task, step):
+            weights.append(task.l0_weight())
+    assert weights == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
+    no_warmup = ClassificationTask(model=ONE_CLS, prune=True, pr_rate=0.4)
+    with _at_step(no_warmup, 0):
+        assert no_warmup.l0_weight() == pytest.approx(0.4)
+
+
+def _penalty_in_loss(task: ClassificationTask, step: int) -> float:
+    """The training loss minus its BCE (same random gate draws), at optimiser step ``step``."""
+    data = batch()
+    with _at_step(task, step):
+        torch.manual_seed(1)
+        loss = task.training_step(data, 0)
+    torch.manual_seed(1)
+    _, bce, _, _ = task._step(data, train=True)
+    return float((loss - bce).detach())
+
+
+def _open_probability_sum(task: ClassificationTask) -> float:
+    with torch.no_grad():
+        return float(sum(g.open_probability().sum() for g in task.model.gates))
+
+
+def test_l0_penalty_in_the_loss_follows_warmup_and_normalisation() -> None:
+    torch.manual_seed(0)
+    summed = ClassificationTask(model=ONE_CLS, prune=True, pr_rate=0.4, l0_warmup_steps=10)
+    total = _open_probability_sum(summed)  # the L0 penalty: expected number of open gates
+    assert _penalty_in_loss(summed, 0) == pytest.approx(0.0, abs=1e-6)  # warm-up starts at lambda 0
+    assert _penalty_in_loss(summed, 5) == pytest.approx(0.2 * total, rel=1e-4)
+    assert _penalty_in_loss(summed, 10) == pytest.approx(0.4 * total, rel=1e-4)
+    torch.manual_seed(0)
+    mean = ClassificationTask(model=ONE_CLS, prune=True, pr_rate=0.4, l0_normalize=True)
+    heads = ONE_CLS["depth"] * ONE_CLS["num_heads"]
+    assert _open_probability_sum(mean) == pytest.approx(total)  # same seed, same gates
+    assert _penalty_in_loss(mean, 0) == pytest.approx(0.4 * total / heads, rel=1e-4)  # the mean, not the sum
+
+
+# ---- checkpoint files that are not checkpoints ----------------------------------------------------------------
+@pytest.fixture()
+def saved_checkpoint(tmp_path):
+    task = ClassificationTask(model=ONE_CLS, prune=True)
+    path = tmp_path / "good.ckpt"
+    torch.save({"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict(), "epoch": 0}, path)
+    return path
+
+
+def test_a_complete_checkpoint_loads(saved_checkpoint) -> None:
+    from weakseg.tasks.classification import load_classifier
+
+    assert load_classifier(saved_checkpoint).model_config.gated
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("folder", "is a folder, not a checkpoint file (--model_checkpoint); it holds"),
+    ("missing", "does not exist (--model_checkpoint)"),
+    ("empty", "the file is empty (0 bytes), not a PyTorch checkpoint"),
+    ("truncated", "(--model_checkpoint): it is not a complete PyTorch checkpoint"),
+    ("text", "(--model_checkpoint): it is not a complete PyTorch checkpoint"),
+    ("legacy_truncated", "(--model_checkpoint): it is not a complete PyTorch checkpoint"),
+    ("not_a_dict", "is not a checkpoint (--model_checkpoint): it holds a list"),
+])
+def test_unreadable_checkpoints_say_what_is_wrong_with_the_file(saved_checkpoint, tmp_path, kind, message) -> None:
+    from weakseg.tasks.classification import load_classifier
+
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "folder":
+        path = tmp_path / "run"
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "checkpoints" / "best.ckpt").write_bytes(saved_checkpoint.read_bytes())
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = saved_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "text":
+        path.write_text("epoch: 3\nthis is a YAML file, not a checkpoint\n")
+    elif kind == "legacy_truncated":  # the pre-zip format: pickle's own "Memo value not found" / EOF errors
+        torch.save({"a": torch.zeros(100)}, path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:60])
+    elif kind == "not_a_dict":
+        torch.save([1, 2], path)
+    with pytest.raises(ConfigError) as e:
+        load_classifier(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+    if kind == "folder":
+        assert str(path / "checkpoints" / "best.ckpt") in str(e.value)

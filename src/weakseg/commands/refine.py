@@ -15,6 +15,9 @@ own softmax probability) is below it. ``--supervised`` trains the same UNet on t
 (the fully supervised upper bound) into ``<output>/supervised``. Outputs: ``<output>/iter{i}/masks/<id>.tif``
 (the refined pseudomasks) with ``masks/confidence/``, ``eval_masks/``, ``scores.json`` per iteration and
 ``summary.json``. Re-running skips finished iterations.
+
+Every setting is type- and range-checked (:data:`REFINE_CHECKS` via :func:`weakseg.config.resolve`), flags and
+YAML alike, before the classifier checkpoint or any data is read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,21 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from weakseg.config import explicit_args, load_yaml, resolve
+from weakseg.config import (
+    FLAGS,
+    Check,
+    at_least,
+    between,
+    check_layer,
+    each,
+    explicit_args,
+    length,
+    load_yaml,
+    non_empty,
+    one_of,
+    positive,
+    resolve,
+)
 from weakseg.errors import ConfigError
 from weakseg.pipeline.refine import (
     DEFAULT_EPOCHS,
@@ -40,6 +57,60 @@ from weakseg.pipeline.refine import (
 CHECKPOINT_DATA_KEYS = ("dataset", "modality", "normalization", "band_stats")
 #: Flag names that differ from the RefineConfig field they set.
 _FLAG_TO_FIELD = {"output": "output_dir", "learning_rate": "lr"}
+#: The other way round, for messages (``modality`` is set by ``--multimodal``).
+_FIELD_TO_FLAG = {**{field: flag for flag, field in _FLAG_TO_FIELD.items()}, "modality": "multimodal"}
+
+
+def _normalizations() -> list[str]:
+    from weakseg.data.normalization import NORMALIZATION_MODES
+
+    return list(NORMALIZATION_MODES)
+
+
+def _dataset_kinds() -> list[str]:
+    from weakseg.data import DATASET_KINDS
+
+    return list(DATASET_KINDS)
+
+
+def _accelerators() -> list[str]:
+    from weakseg.pipeline.train import accelerator_values
+
+    return accelerator_values()
+
+
+def _split_name(value: str) -> str | None:
+    from weakseg.pipeline.train import split_name
+
+    return split_name(value)
+
+
+#: Range checks of the :class:`RefineConfig` settings (types come from its annotations). The same bounds as
+#: ``weakseg.pipeline.refine``'s own check of a config built in code, applied here to each layer, so a wrong flag
+#: or YAML value is named with its source before the classifier checkpoint or any tile is read.
+REFINE_CHECKS: dict[str, Check | list[Check]] = {
+    "datadir": non_empty,
+    "pseudomasks": non_empty,
+    "output_dir": non_empty,
+    "dataset": one_of(_dataset_kinds),
+    "split": [non_empty, _split_name],
+    "eval_split": _split_name,
+    "modality": one_of(["s2", "s1s2"]),
+    "normalization": one_of(_normalizations),
+    "band_stats": length(2),
+    "iterations": at_least(0),
+    "epochs": at_least(1, "an iteration of 0 epochs trains nothing"),
+    "batch_size": at_least(1),
+    "lr": positive(),
+    "lr_schedule": one_of(LR_SCHEDULES),
+    "widths": [lambda widths: None if widths else "needs at least one UNet stage width", each(at_least(1))],
+    "seed": between(0, 2**32 - 1),
+    "num_workers": at_least(0),
+    "accelerator": one_of(_accelerators),
+    "num_devices": at_least(1),
+    "min_confidence": between(0, 1),
+    "classifier": non_empty,
+}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -103,26 +174,31 @@ def checkpoint_data_settings(path: Path) -> dict[str, Any]:
 
 
 def resolve_refine_config(args: argparse.Namespace) -> RefineConfig:
-    """Defaults < classifier checkpoint < ``--config`` YAML < explicit flags."""
+    """Defaults < classifier checkpoint < ``--config`` YAML < explicit flags, every value checked.
+
+    The YAML file and the flags are checked before the checkpoint is read, so a wrong value fails at once.
+    """
     flags = explicit_args(args, exclude=("config", "model_checkpoint", "multimodal"))
     flags = {_FLAG_TO_FIELD.get(key, key): value for key, value in flags.items()}
     if "multimodal" in args:
         flags["modality"] = "s1s2" if args.multimodal else "s2"
-    if flags.get("eval_split") in ("none", "None", ""):
-        flags["eval_split"] = None
-    checkpoint = getattr(args, "model_checkpoint", None)
-    checkpoint_layer = {**checkpoint_data_settings(checkpoint), "classifier": str(checkpoint)} if checkpoint else {}
     config_file = getattr(args, "config", None)
     yaml_layer = load_yaml(config_file) if config_file else {}
-    base = {"datadir": None, "pseudomasks": None, "output_dir": None}
-    cfg = resolve(RefineConfig, base, checkpoint_layer, yaml_layer, flags,
-                  source_names=["defaults", f"checkpoint {checkpoint}", f"config file {config_file}",
-                                "flags"])
-    if not cfg.datadir:
-        raise ConfigError("refine needs a dataset folder (--datadir)")
-    if not cfg.output_dir:
-        raise ConfigError("refine needs an output folder (--output)")
-    return cfg
+    for layer in (yaml_layer, flags):  # 'none' is the spelling of "no held-out split" in both
+        if isinstance(layer.get("eval_split"), str) and layer["eval_split"].strip() in ("none", "None", ""):
+            layer["eval_split"] = None
+    yaml_source, flag_source = f"config file {config_file}", FLAGS
+    check_layer(RefineConfig, yaml_layer, yaml_source, REFINE_CHECKS)
+    check_layer(RefineConfig, flags, flag_source, REFINE_CHECKS, _FIELD_TO_FLAG)
+    for key, flag, what in (("datadir", "datadir", "a dataset folder"), ("output_dir", "output", "an output folder")):
+        if not (flags.get(key) or yaml_layer.get(key)):
+            raise ConfigError(f"refine needs {what} (--{flag})")
+    checkpoint = getattr(args, "model_checkpoint", None)
+    checkpoint_layer = {**checkpoint_data_settings(checkpoint), "classifier": str(checkpoint)} if checkpoint else {}
+    base = {"pseudomasks": None}
+    return resolve(RefineConfig, base, checkpoint_layer, yaml_layer, flags, checks=REFINE_CHECKS,
+                   flag_names=_FIELD_TO_FLAG,
+                   source_names=["defaults", f"checkpoint {checkpoint}", yaml_source, flag_source])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,10 @@ Accepts the sparse-vit-wsss README command as written::
 2025) for ``weakseg pseudomasks --method class_attention``. Settings resolve as defaults (a small ViT that trains on
 a CPU) < ``--preset`` < ``--config FILE.yaml`` < flags. Without ``--datadir`` the built-in synthetic Sentinel-1/2
 data is generated (once) and used. The run itself is :func:`weakseg.pipeline.train.train`.
+
+Every setting is type- and range-checked before any data is read (:data:`weakseg.pipeline.train.TRAIN_CHECKS`
+via :func:`weakseg.config.resolve`), flags and YAML alike; a wrong one ends the command with ``error:`` naming it
+and where it came from.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from weakseg.config import explicit_args, load_yaml, resolve
+from weakseg.config import FLAGS, explicit_args, load_yaml, resolve
 from weakseg.errors import ConfigError
 from weakseg.models.architectures import ARCHITECTURES
-from weakseg.pipeline.train import PRESETS, TrainConfig, train
+from weakseg.pipeline.train import PRESETS, TRAIN_CHECKS, TrainConfig, square_imgsize, train
 
 
 def add_parser(subparsers: Any) -> None:
@@ -96,17 +100,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--preset`` (or the YAML's ``preset``) < ``--config`` YAML < flags, every value checked."""
     flags = explicit_args(args, exclude=("config", "preset"))
-    preset = PRESETS[getattr(args, "preset", None) or "cpu"]
-    yaml_layer = load_yaml(args.config) if getattr(args, "config", None) else {}
-    if "preset" in yaml_layer:
-        preset = PRESETS[yaml_layer.pop("preset")]
-    cfg = resolve(TrainConfig, preset, yaml_layer, flags, source_names=["preset", str(getattr(args, "config", "")), "flags"])
-    if len(cfg.imgsize) == 1:
-        cfg.imgsize = [cfg.imgsize[0], cfg.imgsize[0]]
-    if len(cfg.imgsize) != 2:
-        raise ConfigError(f"--imgsize takes one or two integers, got {cfg.imgsize}")
-    return cfg
+    config_file = getattr(args, "config", None)
+    yaml_layer = load_yaml(config_file) if config_file else {}
+    preset_name = yaml_layer.pop("preset", None) or "cpu"
+    if not isinstance(preset_name, str) or preset_name not in PRESETS:
+        raise ConfigError(f"preset in config file {config_file}: unknown preset {preset_name!r}; choose from "
+                          f"{sorted(PRESETS)}")
+    preset_name = getattr(args, "preset", None) or preset_name  # the flag wins, as every flag does
+    cfg = resolve(TrainConfig, PRESETS[preset_name], yaml_layer, flags, checks=TRAIN_CHECKS,
+                  source_names=[f"preset {preset_name!r}", f"config file {config_file}", FLAGS])
+    return square_imgsize(cfg)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,16 +6,25 @@ model input size, the chosen joint augmentations and the normalisation; validati
 centre crop (defect 11 of the original: validation used random crops). Image-level labels are computed by the
 reader *after* the transform, on the crop the model sees. ``predict`` samples are whole tiles resized to the
 model input, so pseudomasks come out at tile resolution.
+
+Before training, :meth:`WeakSegDataModule.check_tiles` reads the *headers* of every file of every tile of the
+train and validation splits (band count, height, width; no pixels) and reports every faulty tile at once: a
+missing S1 or label file, a wrong band count, a label raster of another size than its image, a tile smaller than
+the model input. Without it such a tile failed at whatever batch first drew it, possibly late in a long run, one
+tile per attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from torch.utils.data import DataLoader
 
 from weakseg.data import open_dataset
@@ -24,6 +33,112 @@ from weakseg.data.transforms import CenterCrop, Compose, RandomCrop, Resize, bui
 from weakseg.errors import DataError
 
 log = logging.getLogger(__name__)
+
+#: Band counts of the DFC2020 files (the reader reads S2 with 13 bands, S1 with 2, labels with 1).
+DFC_S2_BANDS, DFC_S1_BANDS = 13, 2
+#: Faulty tiles listed in a :class:`DataError` (the message gives the count of the rest).
+MAX_LISTED_FAULTS = 50
+
+
+def raster_header(path: Path) -> tuple[int, int, int]:
+    """(bands, height, width) of a raster, from its header only; OSError-like failures as :class:`DataError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return int(src.count), int(src.height), int(src.width)
+    except (RasterioIOError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from e
+
+
+def tile_faults(reader: Any, min_size: Sequence[int] | None = None) -> list[str]:
+    """One line per faulty tile of ``reader`` (empty: all fine), from file headers only (:func:`scan_tiles`)."""
+    return scan_tiles(reader, min_size)[0]
+
+
+def scan_tiles(reader: Any, min_size: Sequence[int] | None = None) -> tuple[list[str], int]:
+    """(lines describing the faulty tiles of ``reader``, number of faulty tiles), from file headers only.
+
+    Checks that every file of every tile (the image; DFC2020's S1 file in ``s1s2`` mode; the label raster when
+    the reader has masks) exists and opens, has the band count the reader will ask for (DFC2020: 13 S2 bands, 2 S1
+    bands; a folder dataset: the band count of its first image, as its reader requires; labels: 1), that S1 and the
+    label raster have the image's height and width, and that the tile is at least ``min_size`` (H, W). Tiles
+    smaller than ``min_size`` are summarised in one line (usually all tiles are, and ``--imgsize`` is wrong).
+    """
+    with rasterio.Env():  # one GDAL environment for all files, not one per open (about 2 ms per tile in all)
+        return _scan_tiles(reader, min_size)
+
+
+def _scan_tiles(reader: Any, min_size: Sequence[int] | None) -> tuple[list[str], int]:
+    from weakseg.data.dfc2020 import DFC2020Dataset
+
+    dfc = isinstance(reader, DFC2020Dataset)
+    s1_dir = getattr(reader, "s1_dir", None) if dfc else None
+    image_bands: int | None = DFC_S2_BANDS if dfc else None
+    faults: list[str] = []
+    small: list[str] = []
+    bad_tiles: set[int] = set()
+    for i in range(len(reader)):
+        problems: list[str] = []
+        image = Path(reader.source_path(i))
+        try:
+            bands, height, width = raster_header(image)
+        except DataError as e:
+            faults.append(f"tile {reader.ids[i]}: {e}")
+            bad_tiles.add(i)
+            continue
+        if image_bands is None:
+            image_bands = bands
+        if bands != image_bands:
+            problems.append(f"{image.name} has {bands} bands, expected {image_bands}")
+        if min_size is not None and (height < min_size[0] or width < min_size[1]):
+            small.append(f"{image} is {height}x{width}")
+            bad_tiles.add(i)
+        paired: list[tuple[str, Path, int]] = []
+        if s1_dir is not None:  # the reader's pairing rule: the S2 file name with _s1_ for _s2_, in the S1 folder
+            paired.append(("S1", Path(s1_dir) / image.name.replace("_s2_", "_s1_"), DFC_S1_BANDS))
+        if reader.has_masks:
+            try:
+                paired.append(("label", Path(reader.mask_path(i)), 1))
+            except DataError as e:  # DFC2020's reader refuses a missing label file here
+                problems.append(str(e))
+        for kind, path, expected in paired:
+            if not path.is_file():
+                problems.append(f"{path} is missing (the {kind} file of {image.name})")
+                continue
+            try:
+                b, h, w = raster_header(path)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            if b != expected:
+                problems.append(f"{path.name} has {b} bands, expected {expected}")
+            if (h, w) != (height, width):
+                problems.append(f"{path.name} is {h}x{w} but {image.name} is {height}x{width}")
+        if problems:
+            faults.append(f"tile {reader.ids[i]} ({image.parent}): " + "; ".join(problems))
+            bad_tiles.add(i)
+    if small:
+        assert min_size is not None
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        faults.append(f"{len(small)} tile(s) smaller than the model input {min_size[0]}x{min_size[1]} (--imgsize): "
+                      f"{', '.join(small[:3])}{more}")
+    return faults, len(bad_tiles)
+
+
+def check_tile_files(readers: dict[str, Any], min_size: Sequence[int] | None = None) -> None:
+    """Raise one :class:`DataError` listing every faulty tile of the readers ``{split: reader}``."""
+    parts, lines = [], []
+    for split, reader in readers.items():
+        faults, count = scan_tiles(reader, min_size)
+        if faults:
+            parts.append(f"{count} of {len(reader)} tile(s) of split {split!r}")
+            lines += faults
+    if not lines:
+        return
+    listed = "\n  ".join(lines[:MAX_LISTED_FAULTS])
+    more = f"\n  ... and {len(lines) - MAX_LISTED_FAULTS} more" if len(lines) > MAX_LISTED_FAULTS else ""
+    raise DataError(f"{' and '.join(parts)} cannot be used:\n  {listed}{more}")
 
 
 def build_transform(
@@ -96,6 +211,7 @@ class WeakSegDataModule(L.LightningDataModule):
         build_augmentations(augmentations)  # validate names early
         self.train_set: Any = None
         self.val_set: Any = None
+        self.tiles_checked = False
 
     def open(self, split: str, stage: str) -> Any:
         return open_dataset(
@@ -108,6 +224,19 @@ class WeakSegDataModule(L.LightningDataModule):
             cache=self.cache,
         )
 
+    def check_tiles(self) -> None:
+        """Check the headers of every file of every train and validation tile (:func:`tile_faults`) once.
+
+        Raises:
+            DataError: listing every faulty tile of both splits, with its file names.
+        """
+        if self.tiles_checked:
+            return
+        splits = [split for split in dict.fromkeys((self.train_split, self.val_split)) if split]
+        check_tile_files({split: open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality)
+                          for split in splits}, self.img_size)
+        self.tiles_checked = True
+
     def prepare_stats(self) -> None:
         """Compute the band statistics for "standardize" on the train split (once; they travel in the config)."""
         if self.data_config["normalization"] == "standardize" and self.data_config["band_stats"] is None:
@@ -116,6 +245,8 @@ class WeakSegDataModule(L.LightningDataModule):
             log.info("band statistics computed on %d tiles of split %r", len(reader), self.train_split)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate"):
+            self.check_tiles()
         self.prepare_stats()
         if stage in (None, "fit", "validate"):
             self.train_set = self.open(self.train_split, "train")

@@ -9,19 +9,47 @@ Lightning trainer, checkpoints, ``metrics.csv``, ``config.yaml`` and ``summary.j
 macro F1 of the image labels of the holdout (``validation:holdout``; :mod:`weakseg.data.splits`). No mask and no
 tile of a reported split takes part in the choice. ``summary.json`` describes that checkpoint (epoch, score, heads
 pruned), so every number reported next to its pseudomasks belongs to one checkpoint.
+
+**Settings** are checked before anything is read (:data:`TRAIN_CHECKS`, applied by :func:`weakseg.config.resolve`
+for the command and by :func:`validate_train_config` for callers that build a :class:`TrainConfig` in code), and so
+are the tiles' files (:meth:`weakseg.data.datamodule.WeakSegDataModule.check_tiles`: every file of every tile
+exists and has the expected bands and size), so a mistake ends the run at start-up, not at batch N of epoch M.
+
+**last.ckpt and --resume.** ``checkpoints/last.ckpt`` is written at the end of *every* epoch by its own checkpoint
+callback (Lightning's ``save_last=True`` on the best-checkpoint callback only wrote it together with a new best, so
+``--resume`` went back to the best epoch). Checkpoints are written atomically (:func:`atomic_checkpoint_io`): a run
+killed while saving keeps the previous complete ``last.ckpt``. ``--resume`` continues from it and keeps
+``metrics.csv``: Lightning's CSV logger starts a new file, so the rows logged up to the checkpoint are read first
+and written back before the resumed run appends its own (:func:`rows_before_checkpoint`); rows of an epoch the
+kill interrupted after the checkpoint are dropped, because the resumed run logs that epoch again. Every epoch then
+appears exactly once.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weakseg.config import save_resolved
-from weakseg.errors import ConfigError
-from weakseg.io import atomic_write_json
+from weakseg.config import (
+    Check,
+    at_least,
+    between,
+    each,
+    length,
+    non_empty,
+    one_of,
+    positive,
+    save_resolved,
+    validate,
+)
+from weakseg.errors import ConfigError, WeaksegError
+from weakseg.io import atomic_path, atomic_write_json
 
 log = logging.getLogger("weakseg")
 
@@ -107,6 +135,131 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _architectures() -> list[str]:
+    from weakseg.models.architectures import ARCHITECTURES
+
+    return sorted(ARCHITECTURES)
+
+
+def _augmentations() -> list[str]:
+    from weakseg.data.transforms import AUGMENTATIONS
+
+    return sorted(AUGMENTATIONS)
+
+
+def _normalizations() -> list[str]:
+    from weakseg.data.normalization import NORMALIZATION_MODES
+
+    return list(NORMALIZATION_MODES)
+
+
+def _dataset_kinds() -> list[str]:
+    from weakseg.data import DATASET_KINDS
+
+    return list(DATASET_KINDS)
+
+
+def precision_values() -> list[Any]:
+    """What Lightning's Trainer accepts as ``precision`` (its own list, so a new Lightning adds its new modes)."""
+    import typing
+
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT  # private: a later Lightning may move it
+    except ImportError:
+        return ["64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "64", "32", "16", "bf16"]
+
+    def flat(t: Any) -> list[Any]:
+        args = typing.get_args(t)
+        return [v for a in args for v in flat(a)] if args else [t]
+
+    return [str(v) for v in flat(_PRECISION_INPUT)]
+
+
+def accelerator_values() -> list[str]:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+
+
+def split_name(value: str) -> str | None:
+    """A split name that :func:`weakseg.data.splits.parse_split` accepts ('none' skips validation)."""
+    from weakseg.data.splits import parse_split
+
+    if value in ("none", "None", ""):
+        return None
+    try:
+        parse_split(value)
+    except WeaksegError as e:
+        return str(e)
+    return None
+
+
+def max_steps_check(value: int) -> str | None:
+    if value == -1 or value >= 1:
+        return None
+    return f"must be -1 (no limit: num_epochs decides) or at least 1, got {value}"
+
+
+#: Range checks of every :class:`TrainConfig` setting (types come from the annotations; see :mod:`weakseg.config`).
+#: ``num_epochs`` 0 is refused rather than given a meaning: Lightning would "finish" at once, without a checkpoint.
+#: ``label_threshold`` 0 is refused too: a class covering 0 % of a crop would be a label, so every tile would carry
+#: every label.
+TRAIN_CHECKS: dict[str, Check | list[Check]] = {
+    "dataset": one_of(_dataset_kinds),
+    "output_dir": non_empty,
+    "train_split": [non_empty, split_name],
+    "val_split": split_name,
+    "arch": one_of(_architectures),
+    "fusion": one_of(["sum", "concat"]),
+    "imgsize": [length(1, 2), each(at_least(1))],
+    "patch_size": at_least(1),
+    "embed_dim": at_least(1),
+    "depth": at_least(1),
+    "num_heads": at_least(1),
+    "mlp_ratio": positive(),
+    "num_register_tokens": at_least(0),
+    "class_token_head": one_of(["per_class", "flatten"]),
+    "token_mask_rate": between(0, 1),
+    "diversity_weight": at_least(0),
+    "pr_rate": at_least(0),
+    "l0_warmup_steps": at_least(0),
+    "gate_lr_scale": positive(),
+    "optimizer": one_of(["adamw", "adam", "sgd"]),
+    "learning_rate": positive(),
+    "weight_decay": at_least(0),
+    "warmup_epochs": at_least(0),
+    "train_batch_size": at_least(1),
+    "eval_batch_size": at_least(1),
+    "accumulate_grad": at_least(1),
+    "num_epochs": at_least(1, "a run of 0 epochs trains nothing and writes no checkpoint"),
+    "max_steps": max_steps_check,
+    "num_devices": at_least(1),
+    "accelerator": one_of(accelerator_values),
+    "precision": one_of(precision_values),
+    "num_workers": at_least(0),
+    "normalization": one_of(_normalizations),
+    "augmentations": each(one_of(_augmentations)),
+    "label_threshold": between(0, 1, low_open=True),
+    "pretrained": non_empty,
+    "seed": between(0, 2**32 - 1),
+    "synthetic_tiles": [length(2), each(at_least(1))],
+    "synthetic_tile_size": at_least(1),
+}
+
+
+def square_imgsize(cfg: TrainConfig) -> TrainConfig:
+    """``imgsize`` [n] -> [n, n] (the flag and the YAML key take one or two integers)."""
+    if len(cfg.imgsize) == 1:
+        return dataclasses.replace(cfg, imgsize=[cfg.imgsize[0], cfg.imgsize[0]])
+    return cfg
+
+
+def validate_train_config(cfg: TrainConfig, source: str = "TrainConfig") -> TrainConfig:
+    """``cfg`` type- and range-checked (:data:`TRAIN_CHECKS`) with ``imgsize`` made square; for settings built in
+    code (the demo, the benchmarks), which do not pass through :func:`weakseg.config.resolve`."""
+    return square_imgsize(validate(cfg, TRAIN_CHECKS, source=source))
+
+
 def ensure_data(cfg: TrainConfig) -> Path:
     """The dataset root; generates the built-in synthetic data when no --datadir is given."""
     if cfg.datadir:
@@ -135,12 +288,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from weakseg.models.architectures import get_architecture
     from weakseg.models.vit import ViTConfig
     from weakseg.pipeline.progress import EpochLog, show_progress_bar
-    from weakseg.tasks.classification import ClassificationTask
+    from weakseg.tasks.classification import ClassificationTask, read_checkpoint
 
+    cfg = validate_train_config(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    resume_from: dict[str, Any] | None = None
+    if cfg.resume:  # before any data is read: a missing or broken checkpoint is a start-up error
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path, "--resume", mmap=True)  # mapped, not read: only its progress is needed
+        resume_from = {"epoch": ckpt.get("epoch", -1), "global_step": ckpt.get("global_step", 0)}
+        del ckpt
     datadir = ensure_data(cfg)
     arch = get_architecture(cfg.arch)
     train_split, val_split = resolve_splits(cfg)
-    out = Path(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     modality = "s1s2" if cfg.multimodal else "s2"
     dm = WeakSegDataModule(
@@ -149,6 +311,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         num_workers=cfg.num_workers, normalization=cfg.normalization, augmentations=cfg.augmentations,
         label_threshold=cfg.label_threshold, cache=cfg.cache_data or not cfg.datadir,
     )
+    dm.check_tiles()
     dm.prepare_stats()
     reader = dm.open(train_split, "val")
     if val_split is not None:
@@ -192,12 +355,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     monitor = "val_macro_f1" if val_split else "train_macro_f1"
     best = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True,
+        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
         auto_insert_metric_name=False, enable_version_counter=False,
     )
-    best.CHECKPOINT_NAME_LAST = "last"
-    callbacks: list[Any] = [best, EpochLog(f"{arch.name} classifier", ("train_loss", "val_loss", "val_macro_f1"))]
-    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="", version="")]
+    # last.ckpt: every epoch, by its own callback (monitor None, top 1 = the newest). Listed after `best`, so the
+    # state it saves includes best's update of the same epoch and a resumed run knows its best score.
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks: list[Any] = [best, last,
+                            EpochLog(f"{arch.name} classifier", ("train_loss", "val_loss", "val_macro_f1"))]
+    metrics_csv = out / "metrics.csv"
+    # Read before the CSV logger exists: its writer deletes metrics.csv when it starts.
+    kept = rows_before_checkpoint(metrics_csv, resume_from) if resume_from is not None else None
+    csv_logger = CSVLogger(save_dir=str(out), name="", version="")
+    loggers: list[Any] = [csv_logger]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -216,16 +389,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         devices=cfg.num_devices, strategy=strategy, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad, callbacks=callbacks, logger=loggers,
         log_every_n_steps=1, deterministic=False, enable_model_summary=False,
-        enable_progress_bar=show_progress_bar(),
+        enable_progress_bar=show_progress_bar(), plugins=[atomic_checkpoint_io()],
     )
     if trainer.is_global_zero:
         save_resolved(cfg, out, model=model_cfg.to_dict(), data=dm.data_config, datadir=str(datadir),
                       splits={"train": train_split, "val": val_split})
-    ckpt_path = out / "checkpoints" / "last.ckpt"
-    if cfg.resume and not ckpt_path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+    if kept is not None and trainer.is_global_zero:
+        restore_metrics(csv_logger, metrics_csv, *kept)
     t0 = time.time()
-    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if cfg.resume else None)
+    with warnings.catch_warnings():
+        # Resuming into the run's own folder: its checkpoints are meant to be there.
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if cfg.resume else None)
     elapsed = time.time() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
@@ -235,7 +410,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "val_split": val_split,
         "best_checkpoint": best.best_model_path,
         "last_checkpoint": str(ckpt_path),
-        "metrics_csv": str(out / "metrics.csv"),
+        "metrics_csv": str(metrics_csv),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "monitor": monitor,
         "seconds": round(elapsed, 1),
@@ -249,6 +424,66 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         atomic_write_json(out / "summary.json", summary)
         print_summary(summary)
     return summary
+
+
+def atomic_checkpoint_io() -> Any:
+    """Lightning's torch checkpoint writer, writing through :func:`weakseg.io.atomic_path`.
+
+    Lightning writes a checkpoint in place, so a run killed while saving left a truncated ``last.ckpt`` that
+    ``--resume`` cannot read; written to a temporary name and renamed, the previous checkpoint stays whole.
+    """
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            with atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    return AtomicCheckpointIO()
+
+
+def rows_before_checkpoint(metrics_csv: Path, checkpoint: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of an interrupted run's ``metrics.csv`` that belong to what ``checkpoint`` holds.
+
+    A row logged with an epoch is kept when its epoch is at most the checkpoint's (rows of the epoch a kill
+    interrupted are logged again by the resumed run); a row without one (the learning-rate monitor's) when its
+    step is below the checkpoint's global step. No file: nothing to keep.
+    """
+    if not metrics_csv.is_file():
+        return [], []
+    epoch, step = int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", 0))
+    with metrics_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def keep(row: dict[str, str]) -> bool:
+        try:
+            if row.get("epoch"):
+                return int(float(row["epoch"])) <= epoch
+            return int(float(row.get("step") or 0)) < step
+        except ValueError:
+            return False
+
+    return header, [row for row in rows if keep(row)]
+
+
+def restore_metrics(csv_logger: Any, metrics_csv: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    """Start ``csv_logger`` and put back the rows logged before the checkpoint, so the resumed run appends.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when it starts and then appends to the file it writes; told the
+    columns already in the file (``metrics_keys``), it appends to the restored rows and rewrites the header when a
+    new column appears, as it does within one run.
+    """
+    writer = csv_logger.experiment  # starts the writer: it deletes metrics.csv
+    if not rows or not hasattr(writer, "metrics_keys"):
+        return
+    columns = sorted(header)
+    with atomic_path(metrics_csv) as tmp, tmp.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=columns)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = columns
 
 
 def resolve_splits(cfg: TrainConfig) -> tuple[str, str | None]:

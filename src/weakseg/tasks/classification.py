@@ -264,16 +264,46 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def read_checkpoint(path: str | Path, flag: str = "--model_checkpoint", map_location: str = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """The dict inside a PyTorch checkpoint file, with errors that say what is wrong with the file.
+
+    torch reports a folder as a missing file and a truncated or foreign file with pickle's words ("Memo value
+    not found", "invalid load key", "failed finding central directory"), which do not tell a user that the
+    file is the problem. ``flag`` names the setting that gave the path; ``mmap`` maps tensors instead of reading
+    them (to look at a large checkpoint's epoch only).
+
+    Raises:
+        ConfigError: the path is a folder, does not exist, is empty, is not a complete PyTorch checkpoint or
+            does not hold a dict.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt")) + sorted(path.glob("checkpoints/*.ckpt"))
+        hint = f"; it holds {', '.join(str(p) for p in found[:3])}" if found else ""
+        raise ConfigError(f"checkpoint {path} is a folder, not a checkpoint file ({flag}){hint}")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist ({flag})")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"cannot read checkpoint {path} ({flag}): the file is empty (0 bytes), not a PyTorch "
+                          "checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise ConfigError(
+            f"cannot read checkpoint {path} ({flag}): it is not a complete PyTorch checkpoint (a save that was "
+            f"interrupted, a partial copy, or another kind of file); torch says: {e}"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path} is not a checkpoint ({flag}): it holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
+
+
 def load_classifier(path: str | Path, map_location: str = "cpu") -> ClassificationTask:
     """Load a :class:`ClassificationTask` checkpoint, with clear errors for a missing or foreign file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist (--model_checkpoint)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ConfigError(f"cannot read checkpoint {path}: {e}") from e
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(path, "--model_checkpoint", map_location)
+    hp = ckpt.get("hyper_parameters")
     if not hp or "model" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a weakseg classifier checkpoint (no model hyper-parameters)")
     task = ClassificationTask(**{**hp, "pretrained": None})
