@@ -165,3 +165,28 @@ def test_top_class_has_no_assignment_to_check(tiny_checkpoint, tiny_dfc, tmp_pat
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert len(rows) == 5 and all(r["assignment"] == "" for r in rows)
     assert "assignment" not in json.loads((out / "summary.json").read_text())
+
+
+def test_relabel_through_the_cli_only_relabels_regions_within_the_label_set(tiny_checkpoint, tiny_dfc,
+                                                                           tmp_path) -> None:
+    """``--relabel`` (the paper's step 8) gives each region of the plain mask one class among the image's labels."""
+    plain, relabelled = tmp_path / "plain", tmp_path / "relabelled"
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, plain, "--oracle", "--no-evaluate") == 0
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, relabelled, "--oracle", "--relabel", "--no-evaluate") == 0
+    assert json.loads((relabelled / "run.json").read_text())["relabel"] is True
+    reader = open_dataset("dfc2020", tiny_dfc, "validation")
+    rows = {r["id"]: r for r in csv.DictReader((relabelled / "manifest.csv").open())}
+    assert set(rows) == set(reader.ids)
+    changed = 0
+    for tid in reader.ids:
+        with rasterio.open(plain / f"{tid}.tif") as a, rasterio.open(relabelled / f"{tid}.tif") as b:
+            before, after = a.read(1), b.read(1)
+        assert before.shape == after.shape
+        labels = {reader.class_names.index(n) for n in rows[tid]["labels"].split(";") if n}
+        assert labels, tid  # oracle labels: every tile has some
+        for c in np.unique(before):
+            new = np.unique(after[before == c])
+            assert len(new) == 1, (tid, c, new)  # a region keeps one class: only relabelled, never reshaped
+            assert int(new[0]) in labels, (tid, c, new)  # and it is one of the image's labels
+        changed += int((before != after).any())
+    assert changed > 0, "no region changed class: --relabel was not exercised"

@@ -89,6 +89,8 @@ def test_output_folder_of_another_run_is_refused(tiny_checkpoint, tiny_dfc, tmp_
     (foreign / "x.tif").write_bytes(b"")
     assert main([*base[:-1], str(foreign)]) == 2
     assert "no weakseg run wrote" in capsys.readouterr().err
+    assert main([*base[:-1], str(foreign), "--overwrite"]) == 2  # --overwrite never deletes files we did not write
+    assert "no weakseg run wrote" in capsys.readouterr().err and (foreign / "x.tif").exists()
 
 
 def test_unreadable_tile_is_recorded_not_dropped(tiny_checkpoint, tiny_dfc, tmp_path, capsys):
@@ -104,7 +106,11 @@ def test_unreadable_tile_is_recorded_not_dropped(tiny_checkpoint, tiny_dfc, tmp_
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert len(skipped) == 1 and bad.name in skipped[0]["reason"] and skipped[0]["file"] == ""
     assert len(list(out.glob("*.tif"))) == 23
-    assert "skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped" in printed
+    # the run succeeds (skipping with a reason is the design) but says why no score table follows
+    assert "scores not computed: 1 of 24 tile(s) were skipped (unreadable, see manifest.csv)" in printed
+    assert "mIoU" not in printed and not (out / "scores.json").exists()
 
 
 def test_checkpoint_must_match_the_data(tiny_checkpoint, tmp_path):

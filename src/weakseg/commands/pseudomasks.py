@@ -6,7 +6,9 @@ attention, clusters given classes by ``--assign``; ``--assign rank`` is the pape
 (Grad-CAM on the same ViT) and ``top_class`` (the floor: every pixel = the top predicted class). ``--oracle`` uses
 the ground-truth image labels instead of the predicted ones. Output: ``<output>/<id>.tif`` (uint8, GeoTIFF with
 the input's georeference), ``<output>/confidence/<id>.tif`` (per-pixel confidence x 255), ``manifest.csv`` (one row
-per tile), ``summary.json`` and ``run.json``. Re-running resumes.
+per tile, with each file's size and sha256), ``summary.json`` and ``run.json``. Re-running resumes: tiles whose
+files match their manifest row are kept, the rest redone. ``--output`` must not be inside ``--datadir``; a run
+holds a lock file (``.weakseg.lock``) in it, so a second run into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def add_parser(subparsers: Any) -> None:
         g.add_argument(f"--{flag}", type=typ, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
                        help=f"[{where}] {f.metadata.get('help', '')}")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks and the manifest")
-    p.add_argument("--overwrite", action="store_true", help="replace the masks of another run in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's masks in --output (deletes only the files its manifest lists)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--num_devices", type=int, default=1)
@@ -91,9 +94,28 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary, args.output)
     if args.evaluate:
         reader = open_dataset(summary["dataset"], args.datadir, args.split)
-        if getattr(reader, "has_masks", False) and not summary["skipped"]:
+        why_not = scores_not_computed_because(summary, reader)
+        if why_not:
+            print(f"\nscores not computed: {why_not}")
+        else:
             scores = evaluate_folder(args.output, reader)
             atomic_write_json(args.output / "scores.json", scores)
             print()
             print(format_scores_table({args.method: scores}))
     return 0
+
+
+def scores_not_computed_because(summary: dict[str, Any], reader: Any) -> str:
+    """Why the masks are not scored (``""``: they are), printed so a missing table is never a silent surprise.
+
+    With skipped tiles the run still succeeds (exit 0): skipping an unreadable tile with its reason in the
+    manifest is the designed behaviour, and the masks written are usable. It is not scored, because a score over
+    the readable tiles only would be compared with other methods' scores over all tiles as if it were the same.
+    """
+    if not getattr(reader, "has_masks", False):
+        return f"split {summary['split']!r} has no ground-truth masks"
+    skipped = len(summary["skipped"])
+    if skipped:
+        return (f"{skipped} of {summary['tiles']} tile(s) were skipped (unreadable, see manifest.csv), and a score "
+                "over the other tiles would not be comparable; fix or remove those tiles and run again to score")
+    return ""

@@ -8,10 +8,27 @@ accounts for every tile. It knows no method: a new one needs no change here.
   spreads over several devices exactly like training (``--num_devices``).
 - **Whole tiles.** The model sees each tile resized to its input size; maps are upsampled back to the tile, so
   masks have the tile's size and, for GeoTIFF inputs, its georeference (they open in GIS tools).
-- **Atomic and resumable.** Each mask is written to a temporary file and renamed; only then is its manifest row
-  appended (and flushed). A re-run skips tiles that have a row and a file, so a killed run resumes, and because
-  every method is deterministic per image (independent of batch composition) the final outputs equal those of an
-  uninterrupted run.
+- **Complete or absent, checked on resume.** Each tile's confidence map and mask are encoded in memory and written
+  by :func:`weakseg.io.atomic_write_bytes` (``os.write``, ``fsync``, rename; any failure raises: GDAL writing
+  to disk itself left 0-byte masks on a full disk without an error); only then is the tile's manifest row
+  appended and ``fsync``-ed (:func:`weakseg.io.append_line`, which cuts a failed append back, so no half line is
+  left). The row records each file's size and sha256 (``bytes``/``sha256``, ``confidence_bytes``/
+  ``confidence_sha256``). A re-run counts a tile as done only when its row says so *and* both files match the
+  record; an empty, truncated, altered or missing file (or a row of an older weakseg without a record) is
+  redone, with a warning saying which and why. A line torn by a kill is dropped by rewriting the log before
+  anything is appended (:func:`repair_manifests`). Because every method is deterministic per image (independent
+  of batch composition) a killed or failed run resumes to byte-identical outputs.
+- **Write failures are errors, not tracebacks.** Disk full, a read-only folder, ``--output`` under a file: a
+  :class:`~weakseg.errors.WeaksegError` naming the path (the CLI prints ``error: ...`` and exits 2).
+- **One run per folder.** The run holds :func:`weakseg.io.folder_lock` on ``--output`` (global rank 0 only) from
+  checking the folder to writing ``summary.json``; a second run into the same folder is refused, naming the lock
+  file and its holder.
+- **Only our own files.** ``--overwrite`` deletes the files the manifest of the earlier run lists (masks and their
+  confidence maps) and that run's bookkeeping files, nothing else; a folder with ``.tif`` files but no
+  ``run.json`` is refused, and so is an output inside the dataset (``--datadir``), so a run can never replace or
+  delete ground truth.
+- **DDP.** Every rank writes its own row log (``.manifest.rank<k>.jsonl``); all ranks meet at a barrier after
+  prediction, so rank 0 merges the manifest only when every rank's rows are on disk.
 - **Nothing dropped silently** (defect 1 of the original): a tile whose files cannot be read gets a row with
   status ``skipped`` and the reason; method fallbacks are rows with status ``fallback`` and their reason.
 - **Is the assignment right?** For methods that give regions classes (attention clustering), where the split has
@@ -46,18 +63,31 @@ from weakseg.data import open_dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
 from weakseg.errors import ConfigError, DataError, WeaksegError
-from weakseg.io import atomic_path, atomic_write_json
+from weakseg.io import (
+    FileRecord,
+    append_line,
+    atomic_path,
+    atomic_write_json,
+    check_file,
+    folder_lock,
+    make_dir,
+    read_jsonl,
+    repair_jsonl,
+)
 from weakseg.masks.labels import oracle_label_sets, predicted_label_sets
 from weakseg.methods import get_method
 from weakseg.methods.attention_clustering import relabel_regions
 from weakseg.methods.base import PseudomaskMethod
-from weakseg.data.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
+from weakseg.data.mask_files import CONFIDENCE_DIR, write_confidence_geotiff, write_mask_geotiff
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("id", "status", "reason", "method", "labels", "used_labels", "probabilities", "assignment",
-                   "file")
+                   "file", "bytes", "sha256", "confidence_file", "confidence_bytes", "confidence_sha256")
+#: Files of an output folder that describe a run (deleted with ``--overwrite``, besides the listed masks).
+RUN_FILES = ("run.json", "manifest.csv", "summary.json", "scores.json")
+MANIFEST_LOG_GLOB = ".manifest.rank*.jsonl"
 ASSIGNMENT_BEST, ASSIGNMENT_NOT_BEST = "best", "not_best"
 #: Testing hook: kill the process (SIGKILL) after this many tiles were written, to exercise resume.
 KILL_AFTER_ENV = "WEAKSEG_TEST_KILL_AFTER_TILES"
@@ -218,7 +248,11 @@ class PseudomaskModule(L.LightningModule):
 
 
 class PseudomaskWriter(BasePredictionWriter):
-    """Writes each tile's mask atomically, then appends its manifest row (per-rank JSON lines)."""
+    """Writes each tile's files (complete or absent), then appends its manifest row to this rank's log.
+
+    The row is the commit record: it is appended only after both files are on disk, and it carries their sizes and
+    checksums so a later run can tell a complete file from an empty or truncated one.
+    """
 
     def __init__(self, out_dir: Path, reader: Any, job: PseudomaskJob, class_names: list[str]) -> None:
         super().__init__(write_interval="batch")
@@ -229,92 +263,301 @@ class PseudomaskWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         manifest = self.out_dir / f".manifest.rank{trainer.global_rank}.jsonl"
-        with manifest.open("a") as f:
-            for row in prediction:
-                file = ""
-                if row["mask"] is not None:
-                    file = f"{row['id']}.tif"
-                    source = self.reader.source_path(row["index"])
-                    write_confidence_geotiff(confidence_path(self.out_dir, row["id"]), row["confidence"], source)
-                    write_mask_geotiff(self.out_dir / file, row["mask"], source)
-                f.write(json.dumps(self._manifest_row(row, file)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                self.written += 1
-                if self.kill_after and self.written >= self.kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+        for row in prediction:
+            files: dict[str, Any] = {}
+            if row["mask"] is not None:
+                source = self.reader.source_path(row["index"])
+                conf_file = f"{CONFIDENCE_DIR}/{row['id']}.tif"
+                conf = write_confidence_geotiff(self.out_dir / conf_file, row["confidence"], source)
+                mask_file = f"{row['id']}.tif"
+                mask = write_mask_geotiff(self.out_dir / mask_file, row["mask"], source)
+                files = {"file": mask_file, "bytes": mask.size, "sha256": mask.sha256,
+                         "confidence_file": conf_file, "confidence_bytes": conf.size,
+                         "confidence_sha256": conf.sha256}
+            append_line(manifest, json.dumps(self._manifest_row(row, files)))
+            self.written += 1
+            if self.kill_after and self.written >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    def _manifest_row(self, row: dict[str, Any], file: str) -> dict[str, Any]:
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Wait for every rank: rank 0 merges the manifest next and must see every rank's rows (a no-op alone)."""
+        trainer.strategy.barrier("weakseg_pseudomasks_written")
+
+    def _manifest_row(self, row: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
         names = self.class_names
 
         def label_names(v: Any) -> str:
             return "" if v is None else ";".join(n for n, on in zip(names, v) if on)
 
         probs = "" if row["probs"] is None else ";".join(f"{n}={p:.4f}" for n, p in zip(names, row["probs"]))
+        empty = {"file": "", "bytes": "", "sha256": "", "confidence_file": "", "confidence_bytes": "",
+                 "confidence_sha256": ""}
         return {"id": row["id"], "status": row["status"], "reason": row["reason"], "method": self.job.method,
                 "labels": label_names(row["labels"]), "used_labels": label_names(row["used"]),
-                "probabilities": probs, "assignment": row["assignment"], "file": file, "_index": row["index"]}
+                "probabilities": probs, "assignment": row["assignment"], **empty, **files, "_index": row["index"],
+                "_time": time.time_ns()}
 
 
 def read_manifest_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Rows of earlier (possibly killed) runs: per-rank JSON lines, last row per id wins; torn lines ignored."""
+    """Rows of earlier (possibly killed) runs from every rank's log; per id the latest row wins; torn lines ignored.
+
+    "Latest" is by the row's write time (``_time``), not by file: a tile redone by rank 0 must win over the row
+    an earlier DDP run's rank 1 wrote for it.
+    """
     rows: dict[str, dict[str, Any]] = {}
-    for path in sorted(out_dir.glob(".manifest.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            rows[row["id"]] = row
+    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
+        try:
+            found, _ = read_jsonl(path)
+        except OSError as e:
+            raise DataError(f"cannot read manifest log {path}: {e}") from e
+        for row in found:
+            tid = row.get("id")
+            if isinstance(tid, str) and (tid not in rows or row.get("_time", 0) >= rows[tid].get("_time", 0)):
+                rows[tid] = row
     return rows
 
 
-def check_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> None:
-    """Refuse a folder that holds another run's masks (or unrelated files) unless ``overwrite``."""
-    run_file = out_dir / "run.json"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output {out_dir} exists and is not a folder (--output)")
-    if overwrite and out_dir.is_dir():
-        for p in [*out_dir.glob("*.tif"), *(out_dir / "confidence").glob("*.tif"), *out_dir.glob(".manifest.rank*.jsonl")]:
-            p.unlink()
-        for name in ("run.json", "manifest.csv", "summary.json"):
-            (out_dir / name).unlink(missing_ok=True)
-    if run_file.is_file():
+def repair_manifests(out_dir: Path) -> int:
+    """Drop the lines a kill cut short from every rank's log before anything is appended; returns how many."""
+    dropped = 0
+    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
+        n = repair_jsonl(path)
+        if n:
+            log.warning("warning: %s: dropped %d torn line(s) left by a killed or failed run; those tiles are redone",
+                        path, n)
+        dropped += n
+    return dropped
+
+
+def _row_files(row: dict[str, Any]) -> list[tuple[str, FileRecord]] | None:
+    """The files a row says were written, with their records; None when it has no complete record.
+
+    Only the names this module writes are accepted (``<id>.tif``, ``confidence/<id>.tif``), so a damaged or
+    edited manifest can neither make a run trust another file nor make ``--overwrite`` delete one.
+    """
+    tid = row.get("id")
+    if not isinstance(tid, str) or row.get("file") != f"{tid}.tif" \
+            or row.get("confidence_file") != f"{CONFIDENCE_DIR}/{tid}.tif":
+        return None
+    try:
+        return [(row["file"], FileRecord(int(row["bytes"]), str(row["sha256"]))),
+                (row["confidence_file"], FileRecord(int(row["confidence_bytes"]), str(row["confidence_sha256"])))]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def incomplete_reason(out_dir: Path, row: dict[str, Any], *, checksum: bool = True) -> str:
+    """Why the files of a non-skipped row are not the ones it records (``""``: complete, the tile is done)."""
+    files = _row_files(row)
+    if files is None:
+        return "its manifest row records no file size and checksum (an older weakseg or a damaged row)"
+    for name, record in files:
+        why = check_file(out_dir / name, record, checksum=checksum)
+        if why:
+            return why
+    return ""
+
+
+def completed_tiles(out_dir: Path, ids: list[str], *, warn: bool = True) -> set[str]:
+    """Tiles of ``ids`` with a non-skipped row whose files match it (size and sha256); warns about the others."""
+    rows = read_manifest_rows(out_dir)
+    done: set[str] = set()
+    redo: dict[str, str] = {}
+    for tid in ids:
+        row = rows.get(tid)
+        if row is None or row.get("status") == "skipped":
+            continue  # never written, or unreadable last time: tried (again)
+        why = incomplete_reason(out_dir, row)
+        if why:
+            redo[tid] = why
+        else:
+            done.add(tid)
+    if redo and warn:
+        shown = "; ".join(f"{t}: {why}" for t, why in list(redo.items())[:5])
+        log.warning("warning: %d tile(s) listed as written have incomplete files and are redone (%s%s)", len(redo),
+                    shown, "; ..." if len(redo) > 5 else "")
+    return done
+
+
+def input_folders(datadir: Path, reader: Any) -> dict[Path, str]:
+    """The dataset's input folders, resolved: the root and every folder holding a tile's image or mask.
+
+    The folders of the files matter besides the root because a dataset may link its parts in from elsewhere
+    (``masks -> /data/labels``): an output there is inside the dataset although not below ``--datadir``.
+    """
+    folders = {Path(datadir).resolve(): f"the dataset folder --datadir {datadir}"}
+    where = {"images": reader.source_path}
+    if getattr(reader, "has_masks", False) and hasattr(reader, "mask_path"):
+        where["masks"] = reader.mask_path
+    for kind, path_of in where.items():
+        for i in range(len(reader)):
+            try:
+                folder = Path(path_of(i)).resolve().parent  # the file resolved: it may itself be a link
+            except (NotImplementedError, OSError, DataError):
+                continue
+            folders.setdefault(folder, f"the dataset's {kind} folder {folder}")
+    return folders
+
+
+def check_output_location(out_dir: Path, datadir: Path, reader: Any) -> None:
+    """Refuse an output that is a file, or is (inside) one of the dataset's input folders.
+
+    Pointed at a dataset's own ``masks/`` folder, an earlier weakseg deleted the ground truth with ``--overwrite``;
+    a run there without it would mix pseudomasks into the data the next command reads.
+    """
+    out_abs = Path(out_dir).resolve()
+    for folder, what in input_folders(datadir, reader).items():
+        if out_abs == folder or folder in out_abs.parents:
+            where = "is" if out_abs == folder else "is inside"
+            raise ConfigError(
+                f"--output {out_dir} ({out_abs}) {where} {what} ({folder}); write pseudomasks outside the "
+                f"dataset (--datadir {datadir}) so its files can never be replaced or deleted"
+            )
+    try:
+        is_file = out_dir.exists() and not out_dir.is_dir()
+    except OSError as e:  # a name too long, a loop of links: not just "missing"
+        raise ConfigError(f"--output {out_dir} cannot be used: {e.strerror or e}") from e
+    if is_file:
+        raise ConfigError(f"--output {out_dir} exists and is not a folder")
+
+
+def _read_run_file(run_file: Path) -> dict[str, Any] | None:
+    try:
         old = json.loads(run_file.read_text())
-        if old != asdict(job):
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _previous_run_files(out_dir: Path) -> set[str]:
+    """Names (relative to ``out_dir``) of the masks and confidence maps the earlier run's manifest lists."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
+        try:
+            rows += read_jsonl(path)[0]
+        except OSError as e:
+            raise DataError(f"cannot read manifest log {path}: {e}") from e
+    csv_path = out_dir / "manifest.csv"
+    if csv_path.is_file():
+        try:
+            with csv_path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            log.warning("warning: cannot read %s (%s): the files only it lists are left in place", csv_path, e)
+    names: set[str] = set()
+    for row in rows:
+        tid = row.get("id")
+        # Only the names this module writes; an older manifest has no confidence_file, but its writer always put
+        # the confidence map at confidence/<id>.tif beside the mask.
+        if isinstance(tid, str) and tid and "/" not in tid and row.get("file") == f"{tid}.tif":
+            names |= {f"{tid}.tif", f"{CONFIDENCE_DIR}/{tid}.tif"}
+    return names
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise WeaksegError(f"cannot delete {path} (--overwrite): {e.strerror or e}") from e
+
+
+def prepare_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> None:
+    """Check the folder holds this run's files (or nothing of anyone's), clear an earlier run's with ``overwrite``.
+
+    - ``run.json`` of another job: refused, naming the settings that differ, unless ``overwrite``.
+    - ``overwrite``: deletes only what the earlier run's manifest lists (masks, their confidence maps) and its
+      bookkeeping files (:data:`RUN_FILES`, the row logs); any other file stays, with a warning.
+    - ``.tif`` files but no ``run.json``: no weakseg run wrote them; refused, also with ``overwrite``.
+    """
+    run_file = out_dir / "run.json"
+    if run_file.exists():
+        old = _read_run_file(run_file)
+        if overwrite:
+            names = [n for n in sorted(_previous_run_files(out_dir)) if (out_dir / n).exists()]
+            for name in names:
+                _remove(out_dir / name)
+            for path in [*sorted(out_dir.glob(MANIFEST_LOG_GLOB)), *(out_dir / n for n in RUN_FILES)]:
+                _remove(path)
+            log.info("--overwrite: removed %d mask and confidence file(s) of the earlier run in %s", len(names),
+                     out_dir)
+            left = sorted(str(p.relative_to(out_dir))
+                          for p in [*out_dir.glob("*.tif"), *(out_dir / CONFIDENCE_DIR).glob("*.tif")])
+            if left:
+                log.warning("warning: --overwrite left %d .tif file(s) in %s that no manifest row lists: %s%s",
+                            len(left), out_dir, ", ".join(left[:5]), ", ..." if len(left) > 5 else "")
+        elif old is None:
+            raise ConfigError(f"{run_file} cannot be read: choose another --output, or pass --overwrite to replace "
+                              "the run it describes")
+        elif old != asdict(job):
             diff = {k: (old.get(k), v) for k, v in asdict(job).items() if old.get(k) != v}
             raise ConfigError(
                 f"{out_dir} holds masks of another run (differs in {', '.join(diff)}: "
                 + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 + "). Choose another --output or pass --overwrite."
             )
-    elif out_dir.is_dir() and any(out_dir.glob("*.tif")):
-        raise ConfigError(f"{out_dir} already holds .tif files that no weakseg run wrote; choose another --output")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, asdict(job))
+    elif any(out_dir.glob("*.tif")):
+        raise ConfigError(
+            f"{out_dir} already holds .tif files that no weakseg run wrote (it has no run.json); choose another "
+            "--output" + (" (--overwrite only removes files a weakseg run lists in its manifest)" if overwrite else "")
+        )
+    atomic_write_json(run_file, asdict(job), durable=True)
 
 
 def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: Path) -> None:
-    """Channels, classes and tile size of the data must fit the checkpoint; say which does not."""
+    """Channels, classes and tile size of the data must fit the checkpoint; say which does not.
+
+    The geometry comes from the first tile that can be read: an unreadable tile is the prediction loop's business
+    (a ``skipped`` manifest row with the reason, wherever it is in the split), so tile 0 is not special. Only when
+    no tile can be read is it an error here, naming a few files and why.
+    """
     cfg = task.model_config
     names = list(task.class_names)
     if list(reader.class_names) != names:
         raise ConfigError(
             f"checkpoint {ckpt} was trained on classes {names} but the data has {list(reader.class_names)}"
         )
-    first = reader.read_image(0)
+    first, index, failures = None, -1, []
+    for i in range(len(reader)):
+        try:
+            first, index = reader.read_image(i), i
+            break
+        except DataError as e:
+            path, message = str(reader.source_path(i)), str(e)
+            failures.append(message if path in message else f"{path}: {message}")
+    if first is None:
+        if not failures:
+            raise DataError(f"the split has no tiles to pseudo-label ({getattr(reader, 'root', 'the dataset')})")
+        raise DataError(f"none of the {len(failures)} tiles can be read, e.g. " + "; ".join(failures[:3]))
+    if failures:
+        log.warning("warning: %d tile(s) before %s cannot be read; they get 'skipped' manifest rows",
+                    len(failures), reader.source_path(index))
     if first.shape[0] != cfg.in_chans:
         hint = " (was it trained with --multimodal?)" if abs(first.shape[0] - cfg.in_chans) == 2 else ""
         raise ConfigError(
-            f"checkpoint {ckpt} expects {cfg.in_chans} input channels but {reader.source_path(0)} gives "
+            f"checkpoint {ckpt} expects {cfg.in_chans} input channels but {reader.source_path(index)} gives "
             f"{first.shape[0]}{hint}"
         )
     H, W = first.shape[-2:]
     if H < cfg.img_size[0] or W < cfg.img_size[1]:
         raise ConfigError(
-            f"tiles like {reader.source_path(0)} are {H}x{W}, smaller than the input {cfg.img_size[0]}x"
+            f"tiles like {reader.source_path(index)} are {H}x{W}, smaller than the input {cfg.img_size[0]}x"
             f"{cfg.img_size[1]} of checkpoint {ckpt}"
         )
+
+
+def process_rank() -> int:
+    """This process's DDP rank as the launcher announces it in the environment, before Lightning starts (0 alone).
+
+    Lightning re-runs the whole command in ranks 1.. (``LOCAL_RANK``/``NODE_RANK``); torchrun and SLURM set
+    ``RANK`` / ``SLURM_PROCID``. Only rank 0 may lock, check and change the output folder: the others would find
+    the lock held by rank 0, or delete what rank 0 just prepared.
+    """
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var])
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+    return local if node == 0 else node * 1000 + local  # any non-zero value: only "is it 0" matters
 
 
 def generate_pseudomasks(
@@ -328,11 +571,20 @@ def generate_pseudomasks(
     Args:
         checkpoint: classifier checkpoint (``weakseg train``).
         datadir, split, dataset: the tiles (dataset kind defaults to the classifier's).
-        out_dir: mask folder (masks, ``confidence/``, ``manifest.csv``, ``summary.json``, ``run.json``).
+        out_dir: mask folder (masks, ``confidence/``, ``manifest.csv``, ``summary.json``, ``run.json``); it must
+            not be inside ``datadir``.
         method: a name of :data:`weakseg.methods.METHODS`; ``method_options`` its ``Options`` fields.
         oracle: ground-truth image labels instead of the predicted ones.
         relabel: re-label each region by the classifier (the sparse ViT paper's step 8).
         threshold: probability above which a label is predicted.
+        overwrite: delete the files of the earlier run in ``out_dir`` (only those its manifest lists) first.
+
+    Returns:
+        The summary; ``{}`` in a DDP rank other than 0.
+
+    Raises:
+        WeaksegError: bad settings, a folder of another run or in use by one, unreadable data, a failed write
+            (disk full, permissions): the message names the file or setting.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     runner = get_method(method, **(method_options or {}))
@@ -349,18 +601,12 @@ def generate_pseudomasks(
                           label_threshold=data_cfg.get("label_threshold", 0.10))
     if oracle and kind == "folder" and getattr(reader, "_csv_labels", None) is None and not reader.has_masks:
         raise ConfigError("--oracle needs ground-truth image labels")
+    check_output_location(out_dir, datadir, reader)
     check_checkpoint_matches_data(task, reader, checkpoint)
     job = PseudomaskJob(str(checkpoint.resolve()), file_sha256(checkpoint), method, oracle, relabel, kind,
                         str(Path(datadir).resolve()), split, threshold, runner.options_dict())
-    check_output_dir(out_dir, job, overwrite)
-    done = {k: r for k, r in read_manifest_rows(out_dir).items()
-            if r["status"] != "skipped" and (out_dir / r["file"]).is_file()}
-    todo = [i for i, tid in enumerate(reader.ids) if tid not in done]
-    log.info("pseudomasks (%s%s%s) for %d tiles of %r: %d done earlier, %d to do -> %s", method,
-             ", oracle labels" if oracle else "", ", re-labelled" if relabel else "", len(reader), split,
-             len(reader) - len(todo), len(todo), out_dir)
-    t0 = time.time()
-    if todo:
+
+    def predict(todo: list[int]) -> None:
         tiles = _SafeTiles(reader, img_size, task.model_config.in_chans)
         loader = DataLoader(Subset(tiles, todo), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=collate_tiles)
@@ -372,19 +618,50 @@ def generate_pseudomasks(
             inference_mode=False,  # gradient-based methods need autograd inside predict_step
         )
         trainer.predict(module, dataloaders=loader, return_predictions=False)
-        if not trainer.is_global_zero:
-            return {}
-    return finalize(out_dir, reader, job, elapsed=time.time() - t0, tiles_this_run=len(todo))
+
+    def to_do(warn: bool = True) -> list[int]:
+        done = completed_tiles(out_dir, reader.ids, warn=warn)
+        return [i for i, tid in enumerate(reader.ids) if tid not in done]
+
+    if process_rank() != 0:
+        # Started by Lightning once rank 0 has prepared the folder, holds its lock and has tiles to do; rank 0
+        # writes nothing before every rank joins, so this rank computes the same list. It joins the prediction
+        # even if its list came out empty: rank 0 waits for every rank, and must not wait forever.
+        predict(to_do(warn=False))
+        return {}
+    make_dir(out_dir, "--output folder")
+    with folder_lock(out_dir, f"weakseg pseudomasks (--method {method}, --split {split})"):
+        prepare_output_dir(out_dir, job, overwrite)
+        repair_manifests(out_dir)
+        todo = to_do()
+        log.info("pseudomasks (%s%s%s) for %d tiles of %r: %d done earlier, %d to do -> %s", method,
+                 ", oracle labels" if oracle else "", ", re-labelled" if relabel else "", len(reader), split,
+                 len(reader) - len(todo), len(todo), out_dir)
+        t0 = time.time()
+        if todo:
+            predict(todo)
+        return finalize(out_dir, reader, job, elapsed=time.time() - t0, tiles_this_run=len(todo))
 
 
 def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, tiles_this_run: int) -> dict[str, Any]:
-    """Merge per-rank rows into ``manifest.csv`` (dataset order) and write ``summary.json``."""
+    """Merge every rank's rows into ``manifest.csv`` (dataset order) and write ``summary.json``.
+
+    Every written tile's files are checked against their row (existence and size, no re-hash: they were hashed as
+    written, and resume re-hashes), so the summary never counts a file that is not there.
+    """
     rows = read_manifest_rows(out_dir)
     missing = [t for t in reader.ids if t not in rows]
     if missing:
         raise WeaksegError(f"{len(missing)} tile(s) have no manifest row after the run: {missing[:5]}")
     ordered = [rows[t] for t in reader.ids]
-    with atomic_path(out_dir / "manifest.csv") as tmp, tmp.open("w", newline="") as f:
+    broken = {r["id"]: why for r in ordered if r["status"] != "skipped"
+              for why in [incomplete_reason(out_dir, r, checksum=False)] if why}
+    if broken:
+        raise WeaksegError(
+            f"{len(broken)} tile(s) of {out_dir} have missing or incomplete files after the run ("
+            + "; ".join(list(broken.values())[:3]) + "); run the same command again to redo them"
+        )
+    with atomic_path(out_dir / "manifest.csv", durable=True) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(ordered)
@@ -402,7 +679,7 @@ def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, til
     if checked:
         summary["assignment"] = {"best": checked.count(ASSIGNMENT_BEST), "checked": len(checked),
                                  "labels": "oracle" if job.oracle else "predicted"}
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary, durable=True)
     return summary
 
 
