@@ -499,3 +499,18 @@ def _release(lock: Path, token: str) -> None:
     if holder is not None and holder.get("token") == token:
         with suppress(OSError):
             lock.unlink()
+
+
+def process_rank() -> int:
+    """This process's DDP rank as the launcher announces it in the environment, before Lightning starts (0 alone).
+
+    Lightning re-runs the whole command in ranks 1.. (``LOCAL_RANK``/``NODE_RANK``); torchrun and SLURM set
+    ``RANK`` / ``SLURM_PROCID``. Only rank 0 may lock, check and change the output folder: the others would find
+    the lock held by rank 0, or delete what rank 0 just prepared.
+    """
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var])
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+    return local if node == 0 else node * 1000 + local  # any non-zero value: only "is it 0" matters

@@ -70,6 +70,7 @@ from weakseg.io import (
     atomic_write_json,
     check_file,
     folder_lock,
+    process_rank,
     make_dir,
     read_jsonl,
     repair_jsonl,
@@ -79,6 +80,7 @@ from weakseg.methods import get_method
 from weakseg.methods.attention_clustering import relabel_regions
 from weakseg.methods.base import PseudomaskMethod
 from weakseg.data.mask_files import CONFIDENCE_DIR, write_confidence_geotiff, write_mask_geotiff
+from weakseg.pipeline.progress import show_progress_bar
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
 log = logging.getLogger(__name__)
@@ -254,10 +256,13 @@ class PseudomaskWriter(BasePredictionWriter):
     checksums so a later run can tell a complete file from an empty or truncated one.
     """
 
-    def __init__(self, out_dir: Path, reader: Any, job: PseudomaskJob, class_names: list[str]) -> None:
+    def __init__(self, out_dir: Path, reader: Any, job: PseudomaskJob, class_names: list[str],
+                 log_every: int = 0) -> None:
         super().__init__(write_interval="batch")
         self.out_dir, self.reader, self.job, self.class_names = out_dir, reader, job, class_names
         self.written = 0
+        #: Without a progress bar (no terminal), one log line per this many tiles written by this rank (0: none).
+        self.log_every = log_every
         self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
@@ -278,6 +283,8 @@ class PseudomaskWriter(BasePredictionWriter):
             self.written += 1
             if self.kill_after and self.written >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.log_every and self.written % self.log_every == 0:
+                log.info("  pseudomasks: %d tiles written by rank %d", self.written, trainer.global_rank)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Wait for every rank: rank 0 merges the manifest next and must see every rank's rows (a no-op alone)."""
@@ -545,21 +552,6 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
         )
 
 
-def process_rank() -> int:
-    """This process's DDP rank as the launcher announces it in the environment, before Lightning starts (0 alone).
-
-    Lightning re-runs the whole command in ranks 1.. (``LOCAL_RANK``/``NODE_RANK``); torchrun and SLURM set
-    ``RANK`` / ``SLURM_PROCID``. Only rank 0 may lock, check and change the output folder: the others would find
-    the lock held by rank 0, or delete what rank 0 just prepared.
-    """
-    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(var, "").strip().isdigit():
-            return int(os.environ[var])
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    return local if node == 0 else node * 1000 + local  # any non-zero value: only "is it 0" matters
-
-
 def generate_pseudomasks(
     checkpoint: Path, datadir: Path, split: str, out_dir: Path, method: str = "attention", *,
     method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
@@ -611,10 +603,12 @@ def generate_pseudomasks(
         loader = DataLoader(Subset(tiles, todo), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=collate_tiles)
         module = PseudomaskModule(task, runner, oracle, relabel, threshold)
-        writer = PseudomaskWriter(out_dir, reader, job, list(task.class_names))
+        log_every = 0 if (not progress or show_progress_bar()) else max(batch_size, len(todo) // 10)
+        writer = PseudomaskWriter(out_dir, reader, job, list(task.class_names), log_every=log_every)
         trainer = L.Trainer(
             accelerator=accelerator, devices=num_devices, strategy="ddp" if num_devices > 1 else "auto",
-            callbacks=[writer], logger=False, enable_progress_bar=progress, enable_model_summary=False,
+            callbacks=[writer], logger=False, enable_progress_bar=progress and show_progress_bar(),
+            enable_model_summary=False,
             inference_mode=False,  # gradient-based methods need autograd inside predict_step
         )
         trainer.predict(module, dataloaders=loader, return_predictions=False)

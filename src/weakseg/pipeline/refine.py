@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import ExitStack
 import os
 import time
 import warnings
@@ -83,7 +84,7 @@ from weakseg.data.targets import TargetMasks, TargetTiles, load_targets
 from weakseg.errors import ConfigError, DataError
 from weakseg.evaluation.compare import evaluate_folder
 from weakseg.evaluation.metrics import format_scores_table
-from weakseg.io import atomic_write_json
+from weakseg.io import atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.mask_writer import MaskFolderWriter, clear_mask_folder
 from weakseg.pipeline.progress import EpochLog
 from weakseg.pipeline.stages import (
@@ -549,6 +550,14 @@ def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:
     _validate(cfg)
     cfg = dataclasses.replace(cfg, widths=[int(w) for w in cfg.widths],
                               min_confidence=float(cfg.min_confidence))
+    with ExitStack() as stack:
+        if process_rank() == 0:  # one run per output folder (the other DDP ranks follow rank 0)
+            make_dir(Path(cfg.output_dir), "output folder (--output)")
+            stack.enter_context(folder_lock(Path(cfg.output_dir), "weakseg refine"))
+        return _refine(cfg, verbose)
+
+
+def _refine(cfg: RefineConfig, verbose: bool) -> dict[str, Any]:
     ctx = _Context(cfg)
     out = ctx.out
     if cfg.supervised and not ctx.has_gt:

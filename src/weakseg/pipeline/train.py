@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+from contextlib import ExitStack
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from weakseg.config import (
     validate,
 )
 from weakseg.errors import ConfigError, WeaksegError
-from weakseg.io import atomic_path, atomic_write_json
+from weakseg.io import atomic_path, atomic_write_json, folder_lock, make_dir, process_rank
 
 log = logging.getLogger("weakseg")
 
@@ -278,7 +279,19 @@ def ensure_data(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training; returns the summary (also written to output_dir/summary.json)."""
+    """Run one training; returns the summary (also written to output_dir/summary.json).
+
+    The run holds :func:`weakseg.io.folder_lock` on ``output_dir`` (DDP rank 0 only), so a second run into the
+    same folder is refused instead of interleaving checkpoints and ``metrics.csv``.
+    """
+    with ExitStack() as stack:
+        if process_rank() == 0:
+            make_dir(Path(cfg.output_dir), "output folder (--output_dir)")
+            stack.enter_context(folder_lock(Path(cfg.output_dir), "weakseg train"))
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
