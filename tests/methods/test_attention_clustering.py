@@ -206,6 +206,14 @@ def test_head_maps_from_model_follow_the_contract() -> None:
     assert kept.tolist() == [True, False]
     assert (head_maps[:, 1] == 0).all() and (head_maps[:, 0] > 0).all()
     assert ((probs > 0) & (probs < 1)).all()
+    # the values: the CLS row of the last block's attention over the patches (not a column, not a patch's row)
+    images = torch.randn(3, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    head_maps, _, probs = head_maps_from_model(model, images)
+    model.eval()
+    out = model.forward_features(images, attention_blocks=[-1])
+    torch.testing.assert_close(head_maps, out.attentions[1][:, :, 0, 1:].reshape(3, 2, 2, 3))
+    torch.testing.assert_close(head_maps[:, 0].sum(dim=(-2, -1)), 1 - out.attentions[1][:, 0, 0, 0])
+    torch.testing.assert_close(probs, model(images).sigmoid())
 
 
 def test_relabel_regions_uses_the_classifier_and_the_label_set() -> None:

@@ -160,3 +160,23 @@ def test_pseudomasks_place_the_labels_of_each_image(images, rule: str, reason: s
     assert set(np.unique(res.masks[0])) <= {0, 2} and (res.masks[1] == 1).all()
     assert res.reason[0].split(";")[0] == reason and res.reason[1] == "single_label"
     assert ((res.confidence >= 0) & (res.confidence <= 1)).all()
+
+
+def test_released_threshold_rule_paints_labels_in_ascending_probability(images, monkeypatch) -> None:
+    """``--rule threshold`` (as released): each label's map above its own mean; where foregrounds overlap the
+    most probable label wins. Three labels in a cyclic probability order (not a swap of two), so a probability
+    order taken from argsort instead of the ranks paints the wrong label."""
+    maps = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0],   # label 0: foreground 0-3
+                         [0.0, 1.0, 1.0, 0.0, 0.0, 0.0],   # label 1: foreground 1-2
+                         [0.0, 0.0, 1.0, 1.0, 0.8, 1.0]])  # label 2: foreground 2-5 (mean 0.633)
+    method = get_method("class_attention", rule="threshold", combine="mean", heads="all")
+    hand_maps = maps[None, :, None, :].expand(2, -1, -1, -1)  # (B=2, C=3, h=1, w=6)
+    monkeypatch.setattr(method, "class_maps", lambda model, x, label_sets: hand_maps)
+    probs = torch.tensor([[0.7, 0.9, 0.6], [0.9, 0.6, 0.7]])  # image 0: 1 > 0 > 2; image 1: 0 > 2 > 1
+    res = method.pseudomasks(None, images, probs, probs > 0.5, (1, 6))
+    np.testing.assert_array_equal(res.masks[0, 0], [0, 1, 1, 0, 2, 2])
+    np.testing.assert_array_equal(res.masks[1, 0], [0, 0, 0, 0, 2, 2])
+    assert res.reason == ["map_threshold", "map_threshold"]
+    # confidence: how far above its own mean the winning map is, relative to its maximum
+    weak = (0.8 - 3.8 / 6) / (1 - 3.8 / 6)
+    np.testing.assert_allclose(res.confidence[0, 0], [1, 1, 1, 1, weak, 1], rtol=1e-5)

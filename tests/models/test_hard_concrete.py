@@ -55,3 +55,64 @@ def test_open_probability_matches_formula_and_penalty_sums_or_averages():
     assert torch.allclose(l0_penalty(gates, normalize=True), p)
     with pytest.raises(ValueError, match="without gates"):
         l0_penalty([])
+
+
+# ---- numeric properties a plausible mutation breaks (issue 7) ---------------------------------------------
+LOG_ALPHA = torch.tensor([-1.5, -0.2, 0.4, 2.0])
+
+
+def gate_with(log_alpha: torch.Tensor, **kwargs) -> HardConcreteGate:
+    gate = HardConcreteGate(len(log_alpha), **kwargs)
+    with torch.no_grad():
+        gate.log_alpha.copy_(log_alpha.view(1, -1, 1, 1))
+    return gate
+
+
+def test_open_probability_per_head_is_sigmoid_of_log_alpha_plus_0_7913() -> None:
+    """Non-zero log alphas: a sign error on log alpha or on the shift cannot hide behind sigmoid(0)."""
+    gate = gate_with(LOG_ALPHA)
+    expected = [1 / (1 + math.exp(-(a + 0.7913))) for a in LOG_ALPHA.tolist()]
+    assert gate.open_probability().tolist() == pytest.approx(expected, abs=1e-4)
+    other = gate_with(torch.tensor([0.5, -3.0]))
+    both = l0_penalty([gate, other])
+    extra = [1 / (1 + math.exp(-(a + 0.7913))) for a in (0.5, -3.0)]
+    assert both.item() == pytest.approx(sum(expected) + sum(extra), abs=1e-4)
+    assert l0_penalty([gate, other], normalize=True).item() == pytest.approx((sum(expected) + sum(extra)) / 6,
+                                                                               abs=1e-5)
+
+
+def test_open_probability_is_the_rate_of_non_zero_soft_training_samples() -> None:
+    """The L0 term must be P(z != 0) of the very sampler the gates use (temperature and stretch included)."""
+    torch.manual_seed(0)
+    gate = gate_with(LOG_ALPHA, hard=False).train()
+    samples = torch.stack([gate().detach().flatten() for _ in range(6000)])  # (6000, heads)
+    assert ((samples >= 0) & (samples <= 1)).all()
+    assert (samples == 0).any() and (samples == 1).any()  # the stretch lets samples reach exactly 0 and 1
+    torch.testing.assert_close(((samples > 0).double().mean(0)).float(), gate.open_probability().detach(),
+                               rtol=0, atol=0.02)
+    # the other end: z == 1 iff s >= (1 - l) / (r - l), so P(z == 1) = sigmoid(log_alpha - beta log(11))
+    at_one = torch.sigmoid(LOG_ALPHA - 0.33 * math.log((1 - (-0.1)) / (1.1 - 1)))
+    torch.testing.assert_close((samples == 1).float().mean(0), at_one, rtol=0, atol=0.02)
+
+
+def test_straight_through_gradient_is_that_of_the_stretched_relaxation() -> None:
+    gate = gate_with(LOG_ALPHA).train()
+    torch.manual_seed(3)
+    z = gate()
+    z.sum().backward()
+    torch.manual_seed(3)  # the same uniform draw, by hand
+    u = torch.rand_like(gate.log_alpha).clamp(1e-6, 1 - 1e-6)
+    la = gate.log_alpha.detach().clone().requires_grad_()
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / 0.33)
+    soft = (s * 1.2 - 0.1).clamp(0, 1)
+    soft.sum().backward()
+    assert torch.equal(z.detach(), (soft.detach() > 0.5).float())  # forward: the hard value
+    torch.testing.assert_close(gate.log_alpha.grad, la.grad)  # backward: the relaxation's gradient
+
+
+def test_a_gate_at_exactly_zero_is_closed() -> None:
+    """``log_alpha > 0`` keeps a head, so 0 itself is pruned: in is_open() and in the float32 eval gate."""
+    gate = gate_with(torch.tensor([0.0, 0.0])).eval()
+    assert gate.is_open().tolist() == [False, False]
+    assert gate().flatten().tolist() == [0.0, 0.0]
+    assert gate_with(torch.tensor([0.0]), init=0.0).is_open().tolist() == [False]  # --gate_init 0

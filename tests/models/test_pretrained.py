@@ -11,7 +11,7 @@ D = 24
 
 
 def timm_style_checkpoint(path, wrapper="model", prefix="module.", img=32, patch=8, in_chans=3, depth=2):
-    """A DeiT-like RGB checkpoint in timm's key layout: built from our (ungated) ViT, whose names are timm's."""
+    """A DeiT-like RGB checkpoint in timm's key layout, built from our (ungated) ViT: its names are timm's."""
     src = build_vit(img_size=(img, img), patch_size=patch, in_chans=in_chans, embed_dim=D, depth=depth,
                     num_heads=4, num_classes=1000, gated=False)
     sd = {prefix + k: v.clone() for k, v in src.state_dict().items()}
@@ -104,3 +104,36 @@ def test_class_token_model_repeats_the_cls_token_per_class_and_keeps_the_registe
     for p in range(6):  # 5 class tokens + 1 register take the CLS position
         assert torch.equal(sd["pos_embed"][0, p], src["pos_embed"][0, 0])
     assert torch.equal(sd["pos_embed"][0, 6:], src["pos_embed"][0, 1:])  # same 4x4 grid: patches unchanged
+
+
+def test_multimodal_embeddings_are_the_adapted_rgb_kernel_for_their_own_bands(tmp_path):
+    """Sum fusion: S2 kernel adapted to 13 bands, S1 kernel to 2 (bias 0); concat: one kernel over 15."""
+    path = tmp_path / "deit.pth"
+    src = timm_style_checkpoint(path)
+    rgb = src["patch_embed.proj.weight"]  # (D, 3, 8, 8)
+    summed = build_vit(img_size=(16, 16), patch_size=4, in_chans=15, s1_chans=2, fusion="sum", embed_dim=D,
+                       depth=2, num_heads=4)
+    load_pretrained(summed, path)
+    torch.testing.assert_close(summed.patch_embed.proj.weight, adapt_patch_kernel(rgb, 13, 4))
+    torch.testing.assert_close(summed.patch_embed.proj.bias, src["patch_embed.proj.bias"])
+    torch.testing.assert_close(summed.patch_embed_s1.proj.weight, adapt_patch_kernel(rgb, 2, 4))
+    assert (summed.patch_embed_s1.proj.bias == 0).all()
+    concat = build_vit(img_size=(16, 16), patch_size=4, in_chans=15, s1_chans=2, fusion="concat", embed_dim=D,
+                       depth=2, num_heads=4)
+    load_pretrained(concat, path)
+    torch.testing.assert_close(concat.patch_embed.proj.weight, adapt_patch_kernel(rgb, 15, 4))
+    # the S2 and the concat embedding answer a constant image like the RGB model's patch embedding
+    rgb_bias = src["patch_embed.proj.bias"]
+    rgb_response = torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), rgb, rgb_bias)[0, :, 0, 0]
+    for embed, bands in ((summed.patch_embed, 13), (concat.patch_embed, 15)):
+        response = embed(torch.ones(1, bands, 16, 16))[0, 0]  # first patch token
+        torch.testing.assert_close(response, rgb_response, rtol=1e-4, atol=1e-4)
+
+
+def test_adapted_kernel_keeps_the_constant_response_with_fewer_channels_than_the_checkpoint():
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 8, 8)
+    for chans in (2, 1):
+        new = adapt_patch_kernel(w, chans, 8)
+        assert new.shape == (5, chans, 8, 8)
+        torch.testing.assert_close(new.sum(dim=(1, 2, 3)), w.sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)

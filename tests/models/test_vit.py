@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,3 +312,193 @@ def test_a_fully_pruned_block_passes_no_patch_gradient_to_the_logits() -> None:
     assert (g_last[:, 1:] == 0).all()  # the last block's patches never reach the CLS token
     assert (g_first[:, 1:] != 0).any()  # the new Grad-CAM target still sees the patches
     assert model.gradcam_layer is model.blocks[0].norm1
+
+
+# ---- numeric checks against hand computations (issue 7: tests that catch real bugs) -----------------------
+def hand_patch_tokens(x: torch.Tensor, proj: torch.nn.Conv2d, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h*w, D): the strided convolution written out, patches row-major."""
+    return F.conv2d(x, proj.weight, proj.bias, stride=patch).flatten(2).transpose(1, 2)
+
+
+def hand_embed(model: GatedViT, patch_tokens: torch.Tensor) -> torch.Tensor:
+    B = patch_tokens.shape[0]
+    return torch.cat([model.cls_token.expand(B, -1, -1), patch_tokens], dim=1) + model.pos_embed
+
+
+def multimodal_model(fusion: str) -> GatedViT:
+    torch.manual_seed(0)
+    model = build_vit(**TINY, img_size=(16, 16), in_chans=15, s1_chans=2, fusion=fusion, gate_init=1.0)
+    with torch.no_grad():  # larger embeddings, so that a change of a few bands clearly moves the logits
+        model.patch_embed.proj.weight.normal_(0, 0.3)
+        if model.patch_embed_s1 is not None:
+            model.patch_embed_s1.proj.weight.normal_(0, 0.3)
+            model.patch_embed_s1.proj.bias.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_sum_fusion_is_s2_embedding_of_the_first_bands_plus_s1_embedding_of_the_last_bands() -> None:
+    """Swapping which channels feed the S2 and the S1 embedding passed every shape test; not this one."""
+    model = multimodal_model("sum")
+    assert model.patch_embed.proj.in_channels == 13 and model.patch_embed_s1.proj.in_channels == 2
+    x = torch.randn(2, 15, 16, 16)
+    s2, s1 = x[:, :13], x[:, 13:]  # the convention: S2 (13 bands) then S1 (VV, VH)
+    tokens = (hand_patch_tokens(s2, model.patch_embed.proj, 4)
+              + hand_patch_tokens(s1, model.patch_embed_s1.proj, 4))
+    torch.testing.assert_close(model.embed(x), hand_embed(model, tokens))
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_zeroing_one_modality_embedding_makes_the_output_blind_to_exactly_those_bands(fusion: str) -> None:
+    x = torch.randn(2, 15, 16, 16)
+    other_s1, other_s2 = x.clone(), x.clone()
+    other_s1[:, 13:] = torch.randn(2, 2, 16, 16) * 3
+    other_s2[:, :13] = torch.randn(2, 13, 16, 16) * 3
+    model = multimodal_model(fusion)
+    for name, blind, sees in (("s1", other_s1, other_s2), ("s2", other_s2, other_s1)):
+        zeroed = multimodal_model(fusion)
+        with torch.no_grad():
+            if fusion == "sum":
+                conv = zeroed.patch_embed_s1.proj if name == "s1" else zeroed.patch_embed.proj
+                conv.weight.zero_()
+            else:  # one convolution over all 15 channels: zero the kernel columns of the modality's bands
+                bands = slice(13, 15) if name == "s1" else slice(0, 13)
+                zeroed.patch_embed.proj.weight[:, bands] = 0.0
+        base = zeroed(x)
+        torch.testing.assert_close(zeroed(blind), base, rtol=0, atol=1e-6)  # the zeroed bands do not matter
+        assert (zeroed(sees) - base).abs().max() > 1e-3  # the other modality's bands still do
+        assert (model(blind) - model(x)).abs().max() > 1e-3  # and with both embeddings every band matters
+
+
+def test_concat_fusion_is_one_embedding_over_all_fifteen_channels() -> None:
+    model = multimodal_model("concat")
+    assert model.patch_embed_s1 is None and model.patch_embed.proj.in_channels == 15
+    x = torch.randn(2, 15, 16, 16)
+    expected = hand_embed(model, hand_patch_tokens(x, model.patch_embed.proj, 4))
+    torch.testing.assert_close(model.embed(x), expected)
+
+
+def hand_attention(attn, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention head by head: softmax(q k^T / sqrt(d)) v, times the head's gate, projected.
+
+    Returns the output (B, N, D) and the gated maps (B, heads, N, N).
+    """
+    D = x.shape[-1]
+    H = attn.num_heads
+    hd = D // H
+    W, b = attn.qkv.weight, attn.qkv.bias
+    heads, maps = [], []
+    for h in range(H):
+        rows = slice(h * hd, (h + 1) * hd)
+        q = x @ W[rows].T + b[rows]
+        k = x @ W[D:][rows].T + b[D:][rows]
+        v = x @ W[2 * D :][rows].T + b[2 * D :][rows]
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1) * gate[h]
+        maps.append(a)
+        heads.append(a @ v)
+    return torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias, torch.stack(maps, dim=1)
+
+
+def hand_forward_features(model: GatedViT, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The pre-norm ViT by hand: tokens + Attn(LN1(tokens)), then + MLP(LN2(tokens)); final LayerNorm."""
+    t = hand_embed(model, hand_patch_tokens(x, model.patch_embed.proj, model.patch_size))
+    maps = {}
+    for i, blk in enumerate(model.blocks):
+        gate = (blk.attn.gate.log_alpha.flatten() > 0).to(x.dtype)  # the eval gate: 1[log_alpha > 0]
+        normed = F.layer_norm(t, (t.shape[-1],), blk.norm1.weight, blk.norm1.bias, eps=1e-6)
+        y, maps[i] = hand_attention(blk.attn, normed, gate)
+        t = t + y
+        h = F.layer_norm(t, (t.shape[-1],), blk.norm2.weight, blk.norm2.bias, eps=1e-6)
+        hidden = F.gelu(h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
+        t = t + (hidden @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias)
+    return F.layer_norm(t, (t.shape[-1],), model.norm.weight, model.norm.bias, eps=1e-6), maps
+
+
+def numeric_model(**kwargs) -> GatedViT:
+    torch.manual_seed(0)
+    model = build_vit(**{**TINY, "img_size": (8, 12), "in_chans": 3, **kwargs}).double()
+    with torch.no_grad():  # sharp, non-uniform attention and a visible residual branch
+        for name, p in model.named_parameters():
+            if p.ndim > 1 and not name.endswith("log_alpha"):
+                p.normal_(0, 0.4)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+        if model.cfg.gated:
+            model.blocks[0].attn.gate.log_alpha.copy_(torch.tensor([1.0, -0.5, 0.3, -2.0]).view(1, 4, 1, 1))
+            model.blocks[1].attn.gate.log_alpha.copy_(torch.tensor([-1.0, 2.0, 0.5, 1.5]).view(1, 4, 1, 1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+def test_both_attention_paths_equal_the_hand_computed_gated_vit(impl: str) -> None:
+    model = numeric_model()
+    model.set_attention_impl(impl)
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    tokens, maps = hand_forward_features(model, x)
+    plain = model.forward_features(x)  # no maps asked: the fused path unless forced explicit
+    with_maps = model.forward_features(x, attention_blocks=[0, 1])  # the explicit softmax path
+    for out in (plain, with_maps):
+        torch.testing.assert_close(out.prefix, tokens[:, :1], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(out.patches, tokens[:, 1:], rtol=1e-9, atol=1e-10)
+    for b in (0, 1):
+        torch.testing.assert_close(with_maps.attentions[b], maps[b], rtol=1e-9, atol=1e-12)
+    # the hand maps really are gated softmaxes: kept rows sum to 1, pruned heads are 0
+    kept = model.head_mask()
+    for b in (0, 1):
+        sums = maps[b].sum(-1)  # (B, heads, N)
+        torch.testing.assert_close(sums[:, kept[b]], torch.ones_like(sums[:, kept[b]]))
+        assert (maps[b][:, ~kept[b]] == 0).all()
+
+
+def test_eval_gate_passes_a_kept_head_unchanged_and_zeroes_a_pruned_one_exactly() -> None:
+    gated = numeric_model()
+    ungated = numeric_model(gated=False)
+    ungated.load_state_dict({k: v for k, v in gated.state_dict().items() if "log_alpha" not in k})
+    seen: dict[str, torch.Tensor] = {}
+    for name, m in (("gated", gated), ("ungated", ungated)):
+        m.head_output_layer(0).register_forward_pre_hook(
+            lambda _m, i, name=name: seen.__setitem__(name, i[0]))
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    gated(x), ungated(x)
+    hd = 6
+    for h, kept in enumerate([True, False, True, False]):  # block 0's log alpha: 1.0, -0.5, 0.3, -2.0
+        channels = slice(h * hd, (h + 1) * hd)
+        if kept:  # times exactly 1: bit-identical to the ungated model
+            assert torch.equal(seen["gated"][..., channels], seen["ungated"][..., channels])
+        else:
+            assert (seen["gated"][..., channels] == 0).all() and (seen["ungated"][..., channels] != 0).all()
+
+
+def test_head_mask_is_log_alpha_above_zero_per_block_and_head() -> None:
+    model = numeric_model(depth=3)
+    values = torch.tensor([[0.7, -0.01, -1e-4, 3.0], [-4.0, 0.02, -0.3, 1e-3], [-1e-6, -1e-3, 2.0, -2.0]])
+    with torch.no_grad():
+        for blk, row in zip(model.blocks, values, strict=True):
+            blk.attn.gate.log_alpha.copy_(row.view(1, 4, 1, 1))
+    expected = values > 0
+    assert torch.equal(model.head_mask(), expected)
+    assert model.pruned_heads_per_layer() == (~expected).sum(1).tolist() == [2, 2, 3]
+    assert model.pruned_fraction() == pytest.approx(7 / 12)
+    # and it is the state the forward pass uses: pruned heads' maps are zero, kept ones are softmax rows
+    out = model.forward_features(torch.randn(1, 3, 8, 12, dtype=torch.float64), attention_blocks=[0, 1, 2])
+    for b in range(3):
+        rows = out.attentions[b].sum(-1)[0, :, 0]  # (heads,) sum of the CLS row
+        torch.testing.assert_close(rows, expected[b].double())
+
+
+def test_model_l0_penalty_is_the_sum_of_hand_computed_open_probabilities() -> None:
+    model = numeric_model()
+    log_alpha = torch.cat([blk.attn.gate.log_alpha.detach().flatten() for blk in model.blocks]).double()
+    shift = -0.33 * math.log(0.1 / 1.1)  # -beta log(-l / r) = +0.7913
+    per_head = 1 / (1 + torch.exp(-(log_alpha + shift)))
+    torch.testing.assert_close(model.l0_penalty().double(), per_head.sum())
+    torch.testing.assert_close(model.l0_penalty(normalize=True).double(), per_head.mean())
+
+
+@pytest.mark.parametrize("dtype,log_alpha", [(torch.float32, 1e-9), (torch.float64, 0.0)])
+def test_eval_gate_and_head_mask_agree_at_the_boundary(dtype: torch.dtype, log_alpha: float) -> None:
+    model = numeric_model().to(dtype)
+    with torch.no_grad():
+        model.blocks[0].attn.gate.log_alpha.fill_(log_alpha)
+    out = model.forward_features(torch.randn(1, 3, 8, 12, dtype=dtype), attention_blocks=[0])
+    used = out.attentions[0].sum(-1)[0, :, 0] > 0.5  # (heads,) the forward pass's own gate
+    assert used.tolist() == model.head_mask()[0].tolist()

@@ -10,7 +10,7 @@ rules turn them into a mask, for images with two or more labels (zero and one la
   labels. Pixels where every label's map is 0 take the nearest labelled pixel's class. Confidence = the margin
   between the best and the second-best label's normalised map (0 for filled pixels).
 - ``"threshold"``: the rule of TokenMasking-WSSS (Hanna & Borth, ICCV 2025; ``token_masking.md`` section 4 steps
-  4-6): each label's upsampled map is thresholded at its own spatial mean, labels are painted in ascending
+  4-6): each label's upsampled map is thresholded at its own spatial mean (pixels at or above it, as released), labels are painted in ascending
   probability so the most probable label wins overlaps, and the holes are filled (here with the exact nearest
   fill). Confidence = how far above its own mean the painted map is, relative to its maximum:
   ``(v - mean) / (max - mean)`` (0 for filled pixels).

@@ -63,16 +63,16 @@ class HardConcreteGate(nn.Module):
 
     def forward(self) -> Tensor:
         """Gate values, shape (1, heads, 1, 1)."""
-        if self.training:
-            u = torch.rand_like(self.log_alpha).clamp(self.eps, 1 - self.eps)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
-        else:
-            s = torch.sigmoid(self.log_alpha)
+        if not self.training:
+            # clamp(1.2 * sigmoid(log_alpha) - 0.1, 0, 1) > 0.5  <=>  log_alpha > 0. Computed as the comparison
+            # itself: through the sigmoid, rounding disagrees with is_open() for |log_alpha| below ~3e-8.
+            return (self.log_alpha > 0).to(self.log_alpha.dtype)
+        u = torch.rand_like(self.log_alpha).clamp(self.eps, 1 - self.eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         z = (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
-        if not self.training or self.hard:
-            hard = (z > 0.5).to(z.dtype)
-            # Straight-through: forward value is hard, gradient is that of z (zero once clamp saturates).
-            z = (z - z.detach()) + hard if self.training else hard  # exactly 0/1 in the forward pass
+        if self.hard:
+            # Straight-through: forward value is hard (exactly 0/1), gradient is that of z (zero once clamped).
+            z = (z - z.detach()) + (z > 0.5).to(z.dtype)
         return z
 
     def open_probability(self) -> Tensor:

@@ -66,8 +66,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 def adapt_patch_kernel(weight: Tensor, in_chans: int, patch_size: int) -> Tensor:
     """(D, C0, p0, p0) kernel -> (D, in_chans, patch_size, patch_size), keeping the response to a constant image.
 
-    Channels: source channel j % C0 feeds new channel j, divided by how often it is used, so the sum over
-    input channels is unchanged. Size: area averaging when shrinking (exact for integer ratios), bilinear when
+    Channels: with more channels than the source, source channel j % C0 feeds new channel j, divided by how often
+    it is used; with fewer (an RGB kernel for the 2 S1 bands), new channel j is the sum of the source channels
+    i with i % in_chans == j. Either way the sum over input channels, hence the response to a constant image, is
+    unchanged. Size: area averaging when shrinking (exact for integer ratios), bilinear when
     growing, times p0^2 / p^2.
     """
     D, C0, p0, _ = weight.shape
@@ -77,10 +79,13 @@ def adapt_patch_kernel(weight: Tensor, in_chans: int, patch_size: int) -> Tensor
         kwargs = {} if mode == "area" else {"align_corners": False}
         weight = F.interpolate(weight, size=(patch_size, patch_size), mode=mode, **kwargs)
         weight = weight * (p0 * p0) / (patch_size * patch_size)
-    if C0 != in_chans:
+    if in_chans > C0:  # repeat the source channels cyclically, each divided by how often it is used
         src = torch.arange(in_chans) % C0
         uses = torch.bincount(src, minlength=C0).float()
         weight = weight[:, src] / uses[src].view(1, -1, 1, 1)
+    elif in_chans < C0:  # fold: new channel j sums the source channels i with i % in_chans == j (none dropped)
+        folded = torch.zeros(D, in_chans, *weight.shape[2:], dtype=weight.dtype)
+        weight = folded.index_add_(1, torch.arange(C0) % in_chans, weight)
     return weight
 
 
