@@ -95,3 +95,37 @@ def test_user_mistakes_get_one_error_line_and_exit_2(case: str, tiny_dfc: Path, 
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err[-2000:]
     assert fragment in errors[0], (fragment, errors[0])
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
+    (["--num_devices", "0"], "--num_devices must be at least 1, got 0"),
+    (["--threshold", "1.5"], "--threshold must be in [0, 1)"),
+])
+def test_pseudomask_run_settings_are_checked_before_anything_is_written(flags: list[str], fragment: str,
+                                                                         tiny_dfc: Path, tiny_checkpoint: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pm"
+    assert main(["pseudomasks", "--model_checkpoint", str(tiny_checkpoint), "--datadir", str(tiny_dfc),
+                 "--output", str(out), *flags]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()  # a refused run leaves no run.json that would block the corrected one
+
+
+def test_demo_refuses_bad_arguments_and_an_output_that_is_a_file(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--fast", "--output_dir", str(afile)]) == 2
+    assert "afile" in capsys.readouterr().err and afile.read_text() == "x"
+    assert main(["demo", "--train_tiles", "3", "--output_dir", str(tmp_path / "d")]) == 2
+    assert "--train_tiles must be at least 10, got 3" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_data_path_that_is_a_file_says_so(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "data.tif"
+    afile.write_text("x")
+    assert main(["pseudomasks", "--model_checkpoint", str(tiny_checkpoint), "--datadir", str(afile), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "is a file, not a folder (--datadir)" in capsys.readouterr().err

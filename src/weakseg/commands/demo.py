@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from weakseg.config import save_resolved
-from weakseg.io import atomic_write_json
+from weakseg.io import atomic_write_json, make_dir
 
 log = logging.getLogger("weakseg")
 
@@ -52,6 +52,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from weakseg.errors import ConfigError
+
+    for flag, minimum in (("train_tiles", 10), ("test_tiles", 1), ("vit_epochs", 1), ("unet_epochs", 1),
+                          ("iterations", 0)):
+        if getattr(args, flag) < minimum:
+            raise ConfigError(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}"
+                              + (" (the holdout needs tiles of its own)" if flag == "train_tiles" else ""))
     cfg = DemoConfig(output_dir=args.output_dir, train_tiles=args.train_tiles, test_tiles=args.test_tiles,
                      vit_epochs=args.vit_epochs, unet_epochs=args.unet_epochs, iterations=args.iterations,
                      seed=args.seed)
@@ -69,8 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from weakseg.pipeline.figures import write_comparison_figures
 
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(cfg.output_dir), "output folder (--output_dir)")
     save_resolved(cfg, out)
     data = out / "data"
     print(f"[demo] writing synthetic Sentinel-1/2 data ({cfg.train_tiles} + {cfg.test_tiles} tiles) to {data}",

@@ -107,7 +107,7 @@ def find_split_root(root: Path, split: str) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist (--datadir)")
+        raise DataError(f"data folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist") + " (--datadir)")
     s2_names = _sensor_folder_names("s2", split)
     candidates = [root] + [p for p in sorted(root.rglob("*")) if p.is_dir() and "__MACOSX" not in p.parts]
     candidates = [c for c in candidates if len(c.relative_to(root).parts) <= 3]

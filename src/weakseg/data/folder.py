@@ -191,7 +191,7 @@ class FolderDataset(TileDataset):
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
-            raise DataError(f"data folder {self.root} does not exist (--datadir)")
+            raise DataError(f"data folder {self.root} " + ("is a file, not a folder" if self.root.exists() else "does not exist") + " (--datadir)")
         self._class_lines: dict[str, int] = {}
         self.class_names = self._read_classes()
         self.class_colors = tuple(_DEFAULT_COLORS[i % len(_DEFAULT_COLORS)] for i in range(self.num_classes))

@@ -552,6 +552,20 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
         )
 
 
+def check_run_settings(threshold: float, batch_size: int, num_workers: int, num_devices: int) -> None:
+    """Range checks of the run's settings, before anything is read or written (ConfigError naming the flag)."""
+    problems = []
+    if not 0.0 <= threshold < 1.0:
+        problems.append(f"--threshold must be in [0, 1) (a probability above which a label is predicted), got "
+                        f"{threshold}")
+    for flag, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("num_devices", num_devices, 1)):
+        if value < minimum:
+            problems.append(f"--{flag} must be at least {minimum}, got {value}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def generate_pseudomasks(
     checkpoint: Path, datadir: Path, split: str, out_dir: Path, method: str = "attention", *,
     method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
@@ -578,6 +592,8 @@ def generate_pseudomasks(
         WeaksegError: bad settings, a folder of another run or in use by one, unreadable data, a failed write
             (disk full, permissions): the message names the file or setting.
     """
+    check_run_settings(threshold=threshold, batch_size=batch_size, num_workers=num_workers,
+                       num_devices=num_devices)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     runner = get_method(method, **(method_options or {}))
     task = load_classifier(checkpoint)
