@@ -42,3 +42,13 @@ def tiny_checkpoint(tiny_dfc: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("tiny_run")
     assert main(["train", "--datadir", str(tiny_dfc), "--prune", "--output_dir", str(out), *TINY_VIT_FLAGS]) == 0
     return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(autouse=True)
+def _skip_run_figures(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs draw no figures unless the test is marked ``figures``: drawing adds about a second per run, which
+    summed to ~15 s over the pipeline tests; the figure tests (marked) draw them and check the files."""
+    if request.node.get_closest_marker("figures") is None:
+        import weakseg.pipeline.run_figures as run_figures
+
+        monkeypatch.setattr(run_figures, "_guarded", lambda command, draw: [])

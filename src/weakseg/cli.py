@@ -13,15 +13,19 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from weakseg import __version__
+from weakseg.commands import COMMANDS
 from weakseg.errors import WeaksegError
 
-#: sub-command modules, in the order ``weakseg --help`` lists them.
-COMMANDS = ("demo", "make_data", "train", "pseudomasks", "evaluate", "refine")
+def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
+    """The ``weakseg`` parser with every sub-command listed.
 
-
-def build_parser() -> argparse.ArgumentParser:
+    Args:
+        command: the sub-command whose full parser is built (its module imported); the others get a stub that
+            only lists them in ``weakseg --help``. "all" builds every command (tests, documentation); None none.
+    """
     parser = argparse.ArgumentParser(
         prog="weakseg",
         description="Weakly supervised semantic segmentation with Vision Transformers (sparse gated ViT, DFC2020).",
@@ -29,32 +33,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"weakseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", default=False, help="only warnings and results")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"weakseg.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("weakseg.commands"):
-                continue  # a command not built yet
-            raise
-        module.add_parser(sub)
+    for name, (module_name, summary) in COMMANDS.items():
+        if command in ("all", name):
+            importlib.import_module(f"weakseg.commands.{module_name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
-def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first argument that is not an option), or None."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def setup_logging(quiet: bool, lightning: bool = True) -> None:
+    """weakseg's log lines on stderr; Lightning's loggers quietened when the command uses Lightning."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[CurrentStderrHandler()], force=True)
     logging.getLogger("weakseg").setLevel(logging.WARNING if quiet else logging.INFO)
-    # Lightning's tips (worker counts, GPU availability, cloud loggers) are noise for a CPU run of a small model.
-    # It sets its loggers to INFO when imported, so import it first and then quieten them.
+    if lightning:
+        quiet_lightning()
+    # Plain GeoTIFFs/PNGs (the real DFC2020 sample, folder datasets) have no geotransform; weakseg never reads it.
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
+
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is *now*, not the stream it saw when created.
+
+    A handler bound to the ``sys.stderr`` of its creation kept writing to it after it was replaced and closed (by
+    pytest's capture between tests, or an application embedding ``main``): "Logging error: I/O operation on
+    closed file".
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; the current stderr is used instead
+        pass
+
+
+def quiet_lightning() -> None:
+    """Lightning's tips (worker counts, GPU availability, cloud loggers) are noise for a CPU run of a small model.
+    It sets its loggers to INFO when imported, so it is imported first and then quietened."""
     import lightning  # noqa: F401
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "lightning.fabric.utilities.rank_zero", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # Plain GeoTIFFs/PNGs (the real DFC2020 sample, folder datasets) have no geotransform; weakseg never reads it.
-    from rasterio.errors import NotGeoreferencedWarning
-
-    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # A small holdout may lack a class; torchmetrics then warns once per epoch that its average precision is
     # undefined (it is reported as such); the macro F1 that chooses the checkpoint is unaffected.
@@ -66,12 +98,13 @@ def setup_logging(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, lightning=getattr(args, "uses_lightning", True))
     try:
         return int(args.run(args) or 0)
     except WeaksegError as e:

@@ -46,7 +46,7 @@ def test_train_cli_writes_checkpoints_metrics_and_config(tiny_dfc, tmp_path, cap
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     header = rows[0].keys()
-    for col in ("val_macro_f1", "val_map", "val_hamming_acc", "pruned_fraction", "train_loss", "train_l0",
+    for col in ("val_macro_f1", "val_map", "val_hamming_acc", "pruned_fraction", "train_loss", "train_target_pruned",
                 "val_f1_forest", "pruned_heads_layer0"):
         assert col in header, col
     epochs = {r["epoch"] for r in rows if r["val_macro_f1"]}
@@ -232,6 +232,13 @@ def _forbid_training(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--token_mask_rate", "1.5"], "--token_mask_rate"),
     (["--token_mask_rate", "-0.5"], "--token_mask_rate"),
     (["--pr_rate", "-0.1"], "--pr_rate"),
+    (["--pr_rate", "high"], "--pr_rate"),
+    (["--prune", "--pr_rate", "0.3"], "--pr_rate"),  # the L0 weight with a target (the default): ignored otherwise
+    (["--prune", "--l0_normalize"], "--l0_normalize"),
+    (["--prune", "--l0_warmup_steps", "50"], "--l0_warmup_steps"),
+    (["--target_pruned_fraction", "1"], "--target_pruned_fraction"),
+    (["--target_pruned_fraction", "-0.2"], "--target_pruned_fraction"),
+    (["--target_warmup", "1.5"], "--target_warmup"),
     (["--gate_lr_scale", "0"], "--gate_lr_scale"),
     (["--l0_warmup_steps", "-1"], "--l0_warmup_steps"),
     (["--max_steps", "0"], "--max_steps"),

@@ -96,7 +96,7 @@ def test_wrong_band_count_size_and_unreadable_files_name_the_file(real_dfc, tmp_
         ds[0]
 
 
-def test_nan_pixels_are_zeroed_with_a_warning_and_all_nan_is_an_error(real_dfc, tmp_path, caplog):
+def test_nan_pixels_are_no_data_with_a_warning_and_all_nan_is_an_error(real_dfc, tmp_path, caplog):
     root, split = _copy(real_dfc, tmp_path)
     s1 = split / "s1_validation" / "ROIs0000_validation_s1_0_p0.tif"
     with rasterio.open(s1) as src:
@@ -105,8 +105,17 @@ def test_nan_pixels_are_zeroed_with_a_warning_and_all_nan_is_an_error(real_dfc, 
     _rewrite(s1, arr, "float64")
     ds = DFC2020Dataset(root, "validation", "s1s2")
     with caplog.at_level(logging.WARNING):
-        image = ds[0]["image"]
-    assert torch.isfinite(image).all() and (image[13:, :10] == 0).all()
+        sample = ds[0]
+    raw = ds.read_image(0)  # S1 NaN rows are no data in all 15 bands (S2 included), never 0
+    assert np.isnan(raw[:, :10]).all() and np.isfinite(raw[:, 10:]).all()
+    assert not sample["valid"][:10].any() and sample["valid"][10:].all()
+    assert (sample["mask"][:10] == 255).all()
+    assert (sample["mask"][10:] == torch.from_numpy(ds.read_mask(0)[10:])).all()
+    # No transform: the sample is filled with each band's mean over the valid pixels (as Normalize('none')).
+    image = sample["image"]
+    assert torch.isfinite(image).all()
+    band_means = torch.from_numpy(raw[:, 10:].reshape(15, -1).mean(1))
+    torch.testing.assert_close(image[:, :10], band_means[:, None, None].expand(15, 10, 256))
     assert "s1_0_p0.tif" in caplog.text and "NaN" in caplog.text
     _rewrite(s1, np.full_like(arr, np.nan), "float64")
     with pytest.raises(DataError, match="no finite pixel"):
@@ -178,7 +187,7 @@ def test_s2_then_s1_scaling_and_channel_order(tmp_path):
     assert DFC2020Dataset(root, "validation", "s2").read_mask(0).tolist() == [[0, 1, 7, 255]]
 
 
-def test_nonfinite_values_become_zero_whatever_their_sign(tmp_path, caplog):
+def test_nonfinite_values_are_no_data_whatever_their_sign(tmp_path, caplog):
     # Decided on the raw values: clipping first would turn +inf into 1.0 (S1 and S2) and -inf S1 into 0.
     s1 = np.array([[[np.nan, np.inf, -np.inf, -12.5]], [[0.0, -25.0, np.nan, -5.0]]], np.float32)
     s2 = np.full((13, 1, 4), 5000.0, np.float32)
@@ -186,8 +195,8 @@ def test_nonfinite_values_become_zero_whatever_their_sign(tmp_path, caplog):
     root = make_mini_dfc(tmp_path, s2, s1, DFC_RAW)
     with caplog.at_level(logging.WARNING):
         image = DFC2020Dataset(root, "validation", "s1s2").read_image(0)
-    np.testing.assert_array_equal(image[:13, 0], np.tile([0.0, 0.0, 0.0, 0.5], (13, 1)))
-    np.testing.assert_allclose(image[13:, 0], [[0.0, 0.0, 0.0, 0.5], [1.0, 0.0, 0.0, 0.8]], rtol=1e-6)
+    assert np.isnan(image[:, 0, :3]).all()  # a pixel with one non-finite band has no data in every band
+    np.testing.assert_allclose(image[:, 0, 3], [0.5] * 13 + [0.5, 0.8], rtol=1e-6)
     assert "s1_0_p0.tif: 50.0% of the values are NaN/inf" in caplog.text
     assert "s2_0_p0.tif: 75.0% of the values are NaN/inf" in caplog.text
 

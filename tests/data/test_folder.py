@@ -328,7 +328,7 @@ def test_uint16_images_are_divided_by_10000_not_65535_and_not_clipped(tmp_path):
 def test_float_and_other_integer_images_are_used_as_they_are(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         image = _one_image(tmp_path / "f", np.array([[[-3.5, 0.25, 1234.0, np.nan, np.inf]]], np.float32))
-    np.testing.assert_array_equal(image, [[[-3.5, 0.25, 1234.0, 0.0, 0.0]]])  # non-finite -> 0, and a warning
+    np.testing.assert_array_equal(image, [[[-3.5, 0.25, 1234.0, np.nan, np.nan]]])  # non-finite: no data (NaN)
     assert "t.tif" in caplog.text and "NaN" in caplog.text
     image = _one_image(tmp_path / "i", np.array([[[-5, 300, 10000]]], np.int16))
     np.testing.assert_array_equal(image, [[[-5.0, 300.0, 10000.0]]])

@@ -296,10 +296,45 @@ def test_command_run(
     assert rows["ours"][1:4] == ["81.8", "82.2", "77.8"]  # OA 9/11, AA 37/45, mIoU 7/9 in %
     assert rows["oracle"][1:4] == ["100.0", "100.0", "100.0"]
 
-    written = json.loads((tif_dir.parent / "scores.json").read_text())  # default: beside the first folder
+    # default: beside the first folder, named after it and the split
+    scores = tif_dir.parent / f"{tif_dir.name}_scores_validation.json"
+    written = json.loads(scores.read_text())
     assert written["split"] == "validation" and written["dataset"] == "dfc2020"
     assert list(written["results"]) == ["ours", "oracle"]
     assert written["results"]["ours"]["confusion_matrix"] == EXPECTED_CM
+    figures = [tif_dir.parent / f"{tif_dir.name}_scores_validation_{n}.png" for n in ("confusion", "iou")]
+    assert all(f.stat().st_size > 1000 for f in figures)
+    assert "dataset layout: dfc2020 (no classes.txt" in out
+
+    # never replaced silently: a second evaluation refuses, --overwrite replaces, --no-figures draws nothing
+    with pytest.raises(ConfigError, match="exists .* --overwrite"):
+        args.run(args)
+    for f in figures:
+        f.unlink()
+    again = _parse([*sys_argv_of(args), "--overwrite", "--no-figures"])
+    assert again.run(again) == 0 and not any(f.exists() for f in figures)
+
+
+def sys_argv_of(args: argparse.Namespace) -> list[str]:
+    return ["evaluate", "--predictions", *map(str, args.predictions), "--names", *args.names, "--datadir",
+            str(args.datadir), "--split", args.split]
+
+
+def test_dataset_kind_is_inferred(tmp_path: Path) -> None:
+    from weakseg.data import guess_dataset_kind
+
+    data, preds = tmp_path / "data", tmp_path / "preds"
+    data.mkdir()
+    preds.mkdir()
+    assert guess_dataset_kind(data, preds)[0] == "dfc2020"
+    (data / "classes.txt").write_text("a\nb\n")
+    assert guess_dataset_kind(data, preds) == ("folder", f"{data / 'classes.txt'} exists")
+    from weakseg.data import open_dataset
+
+    with pytest.raises(DataError, match="looks like a folder dataset; pass --dataset folder"):
+        open_dataset("dfc2020", data, "all")
+    (preds / "run.json").write_text(json.dumps({"dataset": "dfc2020"}))  # what the masks were made for wins
+    assert guess_dataset_kind(data, preds)[0] == "dfc2020"
 
 
 def test_command_output_default_names_and_flags(

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from weakseg.models.hard_concrete import HardConcreteGate, l0_penalty
+from weakseg.models.hard_concrete import (
+    HardConcreteGate,
+    close_lowest_heads,
+    heads_to_close,
+    l0_penalty,
+    ramped_target,
+)
 
 
 def test_init_range_is_xavier_uniform():
@@ -116,3 +122,62 @@ def test_a_gate_at_exactly_zero_is_closed() -> None:
     assert gate.is_open().tolist() == [False, False]
     assert gate().flatten().tolist() == [0.0, 0.0]
     assert gate_with(torch.tensor([0.0]), init=0.0).is_open().tolist() == [False]  # --gate_init 0
+
+
+# ---- target pruned fraction (issue 8): the ramp, the count and the rank rule, by hand ---------------------------
+def test_target_ramps_linearly_over_its_fraction_of_the_run_then_stays() -> None:
+    # 100 steps, target 0.5 reached at half of the run: +0.01 per step, then flat.
+    assert [ramped_target(s, 100, 0.5, 0.5) for s in (0, 1, 25, 49, 50, 80, 100)] == pytest.approx(
+        [0.0, 0.01, 0.25, 0.49, 0.5, 0.5, 0.5])
+    # the same schedule in fractions of a 1,000-step run
+    assert [ramped_target(s, 1000, 0.5, 0.5) for s in (10, 250, 500)] == pytest.approx([0.01, 0.25, 0.5])
+    assert ramped_target(0, 100, 0.3, 0.0) == 0.3  # no warm-up: the target from the start
+
+
+def test_heads_to_close_rounds_to_the_nearest_count_halves_up() -> None:
+    assert [heads_to_close(f, 24) for f in (0.0, 0.02, 1 / 48, 0.25, 0.5, 0.99)] == [0, 0, 1, 6, 12, 24]
+    assert heads_to_close(0.35, 20) == 7  # 0.35 * 20 = 7.000000000000001
+
+
+def _gates(*values: list[float]) -> list[HardConcreteGate]:
+    return [gate_with(torch.tensor(v)) for v in values]
+
+
+def test_close_lowest_heads_closes_exactly_the_lowest_and_keeps_the_rest_where_they_are() -> None:
+    gates = _gates([2.0, -0.5, 0.3], [1.0, 0.05, -4.0])
+    closed = close_lowest_heads(gates, 3)
+    # lowest three: -4.0 (gate 1), -0.5 (gate 0), 0.05 (gate 1); closed heads go to min(a, -3), open ones stay.
+    assert closed.tolist() == [False, True, False, False, True, True]
+    assert gates[0].log_alpha.flatten().tolist() == pytest.approx([2.0, -3.0, 0.3])
+    assert gates[1].log_alpha.flatten().tolist() == pytest.approx([1.0, -3.0, -4.0])
+    assert sum(int((~g.is_open()).sum()) for g in gates) == 3  # the eval rule counts the same heads
+
+
+def test_close_lowest_heads_reopens_heads_beyond_the_count() -> None:
+    gates = _gates([2.0, -0.5, 0.3], [1.0, 0.05, -2.0])
+    closed = close_lowest_heads(gates, 1, closed_log_alpha=-1.0, open_log_alpha=0.01)
+    assert closed.tolist() == [False, False, False, False, False, True]
+    assert gates[0].log_alpha.flatten().tolist() == pytest.approx([2.0, 0.01, 0.3])  # -0.5 is reopened just above 0
+    assert gates[1].log_alpha.flatten().tolist() == pytest.approx([1.0, 0.05, -2.0])  # already below -1: kept
+    assert [g.is_open().tolist() for g in gates] == [[True, True, True], [True, True, False]]
+
+
+def test_equal_gates_are_closed_in_a_random_order_not_by_layer() -> None:
+    """All gates start at the same log alpha: the first heads to close must not be those of the first layers."""
+    picks = []
+    for seed in range(8):
+        gates = _gates(*[[3.0] * 6 for _ in range(4)])
+        closed = close_lowest_heads(gates, 6, generator=torch.Generator().manual_seed(seed))
+        assert int(closed.sum()) == 6
+        picks.append(tuple(closed.nonzero().flatten().tolist()))
+    assert len(set(picks)) > 1  # the draw decides
+    assert picks.count(tuple(range(6))) < len(picks)  # not always layer 0
+    again = close_lowest_heads(_gates(*[[3.0] * 6 for _ in range(4)]), 6, generator=torch.Generator().manual_seed(0))
+    assert tuple(again.nonzero().flatten().tolist()) == picks[0]  # reproducible with the seed
+
+
+def test_close_lowest_heads_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="num_closed"):
+        close_lowest_heads(_gates([1.0, 2.0]), 3)
+    with pytest.raises(ValueError, match="without gates"):
+        close_lowest_heads([], 0)

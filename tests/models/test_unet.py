@@ -59,6 +59,20 @@ def test_skip_connection_carries_full_resolution_detail() -> None:
     assert not torch.allclose(y0[..., 0, 0], y1[..., 0, 0])
 
 
+def test_pad_input_pads_by_reflection_and_crops_back() -> None:
+    torch.manual_seed(0)
+    model = UNet(in_chans=3, num_classes=2, widths=(4, 8, 16, 32), pad_input=True).eval()  # divisor 8
+    assert model.padding(30, 64) == (0, 0, 1, 1) and model.padding(29, 61) == (1, 2, 1, 2)
+    x = torch.randn(2, 3, 30, 61)
+    y = model(x)
+    assert y.shape == (2, 2, 30, 61)
+    # the same as running the unpadded network on the reflected 32 x 64 input and cropping the centre by hand
+    padded = torch.nn.functional.pad(x, (1, 2, 1, 1), mode="reflect")
+    assert torch.allclose(y, model._forward(padded)[..., 1:31, 1:62], atol=1e-6)
+    tiny = model(torch.randn(1, 3, 3, 5))  # smaller than the divisor: replicate padding, still cropped back
+    assert tiny.shape == (1, 2, 3, 5)
+
+
 def test_bad_size_raises_with_suggestion() -> None:
     model = UNet(in_chans=3, num_classes=2, widths=(4, 8, 16, 32))  # divisor 8
     with pytest.raises(ConfigError, match=r"30x64 is not divisible by 8.*32x64"):

@@ -338,22 +338,29 @@ def test_pseudomask_with_values_outside_the_classes(data_root: Path, tmp_path: P
         refine(make_cfg(data_root, folder, tmp_path / "out"))
 
 
-def test_tile_size_not_divisible_suggests_widths_or_crop(data_root: Path, pseudomasks: Path,
-                                                         tmp_path: Path) -> None:
-    widths = [4, 8, 16, 32, 64, 128, 256]  # 6 poolings: 64 does not divide 32
-    message = r"32x32, not divisible by 64 .*use at most 6 widths \(e.g. --widths 4 8 16 32 64 128\)$"
-    with pytest.raises(ConfigError, match=message):
-        refine(make_cfg(data_root, pseudomasks, tmp_path / "out", widths=widths))
+def test_tiles_not_divisible_by_the_unet_are_padded_not_refused(data_root: Path, pseudomasks: Path,
+                                                                 tmp_path: Path, caplog) -> None:
+    widths = [4, 8, 16, 32, 64, 128, 256]  # 6 poolings: 64 does not divide the 32 px tiles
+    caplog.set_level("INFO", logger="weakseg")
+    summary = refine(make_cfg(data_root, pseudomasks, tmp_path / "out", widths=widths, iterations=1))
+    assert "padded by reflection inside the UNet" in caplog.text
+    folder = Path(summary["final_masks"])
+    shapes = {np.asarray(Image.open(p)).shape if p.suffix == ".png" else rasterio.open(p).shape
+              for p in folder.iterdir() if p.suffix in (".tif", ".png")}
+    assert shapes == {(TILE, TILE)}  # cropped back to the tiles
 
 
-def test_size_message_suggests_the_largest_valid_crop() -> None:
-    reader = SimpleNamespace(ids=["a"], read_image=lambda i: np.zeros((3, 60, 44), np.float32))
-    # 60 = 4 * 15 and 44 = 4 * 11: two poolings fit, three (divisor 8) do not; 56x40 is the crop inside.
-    message = (r"60x44, not divisible by 8 .*at most 3 widths \(e.g. --widths 16 32 64\) "
-               r"or crop the tiles to 56x40$")
-    with pytest.raises(ConfigError, match=message):
-        refine_module._tile_geometry(reader, "validation", [16, 32, 64, 128])
-    assert refine_module._tile_geometry(reader, "validation", [16, 32, 64]) == (3, (60, 44))
+def test_tiles_of_different_sizes_are_refused_before_training(tmp_path: Path) -> None:
+    from tests.data.test_folder import make_folder
+
+    root = make_folder(tmp_path / "d", n=3, size=16)
+    odd = root / "images" / "tile_001.tif"
+    with rasterio.open(odd, "w", driver="GTiff", height=16, width=24, count=5, dtype="uint16") as dst:
+        dst.write(np.zeros((5, 16, 24), np.uint16))
+    reader = open_dataset("folder", root, "all")
+    with pytest.raises(ConfigError, match=r"differ in size \(16x16: 2 tile\(s\), e.g. 'tile_000'; 16x24: 1 tile\(s\), "
+                                          r"e.g. 'tile_001'\); refinement needs tiles of one size"):
+        refine_module._tile_geometry(reader, "all", [16, 32])
 
 
 def test_refinement_without_pseudomasks_is_a_config_error(data_root: Path, tmp_path: Path) -> None:

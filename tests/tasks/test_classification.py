@@ -296,3 +296,122 @@ def test_unreadable_checkpoints_say_what_is_wrong_with_the_file(saved_checkpoint
     assert message in str(e.value) and str(path) in str(e.value)
     if kind == "folder":
         assert str(path / "checkpoints" / "best.ckpt") in str(e.value)
+
+
+# ---- pruning to a target (issue 8) -----------------------------------------------------------------------------
+TARGET_VIT = {**ONE_CLS, "depth": 3, "num_heads": 4}  # 12 heads
+
+
+def _closed_heads(task: ClassificationTask) -> int:
+    return int((~task.model.head_mask()).sum())
+
+
+def _fit(task: ClassificationTask, steps: int, accumulate: int = 1, callbacks: tuple = ()) -> None:
+    """A real Lightning run on random tensors (96 images of 16 x 16, batches of 4)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(96, 3, 16, 16, generator=g)
+    labels = (torch.rand(96, C, generator=g) < 0.4).float()
+    loader = DataLoader([{"image": images[i], "label": labels[i]} for i in range(96)], batch_size=4, shuffle=True)
+    trainer = L.Trainer(max_steps=steps, max_epochs=10_000, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=list(callbacks))
+    trainer.fit(task, loader)
+
+
+def _count_after_each_batch():
+    """A Lightning callback recording the closed heads before the first batch (``first``) and (optimiser steps
+    taken, closed heads) after every training batch (``rows``)."""
+    import lightning as L
+
+    class Recorder(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, int]] = []
+            self.first: int | None = None
+
+        def on_train_batch_start(self, trainer, task, batch, batch_idx) -> None:
+            if self.first is None:
+                self.first = _closed_heads(task)
+
+        def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx) -> None:
+            self.rows.append((trainer.global_step, _closed_heads(task)))
+
+    return Recorder()
+
+
+@pytest.mark.parametrize("steps, accumulate", [(12, 1), (120, 1), (16, 2)])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_target_is_followed_after_every_optimiser_step_in_short_and_long_runs(steps, accumulate) -> None:
+    """Closed heads after optimiser step s = round(12 * 0.5 * min(1, s / (0.5 * steps))): the ramp, then exactly 6,
+    the same in a 12-step and a 120-step run, and once per optimiser step with gradient accumulation."""
+    torch.manual_seed(0)
+    task = ClassificationTask(model={**TARGET_VIT, "gate_init": 3.0}, prune=True, target_pruned_fraction=0.5,
+                              target_warmup=0.5, lr_scheduler=False)
+    recorder = _count_after_each_batch()
+    _fit(task, steps, accumulate, (recorder,))
+    assert recorder.rows[-1] == (steps, 6)
+    for step, closed in recorder.rows:
+        expected = math.floor(12 * 0.5 * min(1.0, step / (0.5 * steps)) + 0.5)
+        assert closed == expected, (step, closed, expected)
+    assert len(recorder.rows) == steps * accumulate
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_with_a_target_no_head_starts_pruned_by_its_initial_log_alpha() -> None:
+    """Xavier-uniform init (about half the log alphas <= 0) with a target: every head is open before step 1."""
+    torch.manual_seed(0)
+    task = ClassificationTask(model=TARGET_VIT, prune=True, target_pruned_fraction=0.5, lr_scheduler=False)
+    assert _closed_heads(task) > 0  # the paper's init would prune these at once
+    recorder = _count_after_each_batch()
+    _fit(task, 2, callbacks=(recorder,))
+    assert recorder.first == 0
+
+
+def test_training_defaults_start_every_gate_open_and_prune_to_half() -> None:
+    from weakseg.pipeline.train import TrainConfig
+
+    cfg = TrainConfig(prune=True)
+    assert (cfg.target_pruned_fraction, cfg.target_warmup, cfg.gate_init, cfg.pr_rate) == (0.5, 0.5, 3.0, None)
+    task = ClassificationTask(model={**TARGET_VIT, "gate_init": cfg.gate_init}, prune=True,
+                              target_pruned_fraction=cfg.target_pruned_fraction)
+    alphas = torch.cat([g.log_alpha.detach().flatten() for g in task.model.gates])
+    assert torch.equal(alphas, torch.full((12,), 3.0)) and _closed_heads(task) == 0
+
+
+def test_a_target_replaces_the_l0_penalty() -> None:
+    torch.manual_seed(0)
+    task = ClassificationTask(model=TARGET_VIT, prune=True, target_pruned_fraction=0.5, pr_rate=0.4)
+    assert _penalty_in_loss(task, 5) == 0.0  # the loss is the BCE alone
+    with pytest.raises(ConfigError, match="--target_pruned_fraction"):
+        ClassificationTask(model=TARGET_VIT, prune=True, target_pruned_fraction=1.0)
+
+
+def test_logged_map_averages_the_classes_present_only():
+    from weakseg.pipeline.sanity import average_precision
+    from weakseg.tasks.classification import PresentClassAveragePrecision
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(20, 3, generator=g)
+    target = (torch.rand(20, 3, generator=g) < 0.5).int()
+    target[:, 2] = 0  # class 2 absent from the split: torchmetrics' macro AP counts it as 0
+    metric = PresentClassAveragePrecision(num_labels=3, average=None)
+    metric.update(probs[:8], target[:8])
+    metric.update(probs[8:], target[8:])
+    expected = sum(average_precision(probs[:, k].double(), target[:, k].double()) for k in (0, 1)) / 2
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pruning_settles_when_the_ramp_reaches_the_target():
+    from types import SimpleNamespace
+
+    from weakseg.tasks.classification import ClassificationTask
+
+    def task(target, step, total=100):
+        return SimpleNamespace(uses_target=target is not None, hparams=SimpleNamespace(target_pruned_fraction=target),
+                               current_target=lambda: 0.0 if target is None else target * min(1, step / (0.5 * total)))
+
+    assert ClassificationTask.pruning_settled(task(None, 0))  # the paper's L0: nothing to wait for
+    assert not ClassificationTask.pruning_settled(task(0.5, 49))
+    assert ClassificationTask.pruning_settled(task(0.5, 50))

@@ -176,3 +176,29 @@ def test_class_maps_one_panel_per_label_of_the_busiest_tile(tmp_path: Path) -> N
     assert width == round((3 + 3) * 1.8 * 50)  # true colour, ground truth, mask + 3 maps (the busiest row)
     with pytest.raises(WeaksegError, match="at least one row"):
         plot_class_maps([], DFC_CLASS_NAMES, DFC_CLASS_COLORS, tmp_path / "x.png")
+
+
+# ---- any band count, heat-map columns (figures of weakseg pseudomasks / refine) ----------------------------
+@pytest.mark.parametrize("bands, caption, rgb", [
+    (13, "true colour", (3, 2, 1)), (15, "true colour", (3, 2, 1)), (3, "RGB", (0, 1, 2)),
+    (4, "bands 1-3 as RGB", (0, 1, 2)), (1, "band 1 (grey)", (0, 0, 0)),
+])
+def test_render_image_shows_any_band_count_and_says_which_bands(bands, caption, rgb) -> None:
+    from weakseg.viz.figures import render_image
+
+    image = np.random.default_rng(bands).random((bands, 8, 8)).astype(np.float32)
+    out, text = render_image(image)
+    assert text == caption and out.shape == (8, 8, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, s2_true_color(image, rgb))
+
+
+def test_heat_columns_are_drawn_with_viridis_not_as_class_ids(tmp_path: Path) -> None:
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    row = {"id": "a", "image": np.zeros((16, 16, 3), dtype=np.uint8), "mask": mask, "confidence": np.ones((16, 16))}
+    path = plot_pseudomask_panel([row], ["mask", "confidence"], ["x", "y"], ["#0067a5", "#dcd300"],
+                                 tmp_path / "p.png", dpi=50, heat_columns=["confidence"])
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    viridis_top = np.array([253, 231, 36])  # viridis(1.0)
+    assert (pixels == viridis_top).all(axis=1).sum() > 0.6 * (2 * 50) ** 2  # most of the 100 x 100 px panel
+    assert (pixels == [0xDC, 0xD3, 0x00]).all(axis=1).sum() < 500  # class 1's colour: its legend patch only

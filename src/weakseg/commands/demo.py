@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weakseg.commands import command_help
 from weakseg.config import save_resolved
 from weakseg.io import atomic_write_json, make_dir
 
@@ -38,7 +39,7 @@ class DemoConfig:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="run the whole pipeline on built-in synthetic data (about 5 min on CPU)",
+    p = subparsers.add_parser("demo", help=command_help("demo"),
                               description=__doc__)
     p.add_argument("--output_dir", default="demo_output", help="where everything goes (default demo_output/)")
     p.add_argument("--train_tiles", type=int, default=256)

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from weakseg.commands import command_help
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "make-data",
-        help="write the built-in synthetic Sentinel-1/2 land-cover dataset (DFC2020 layout)",
+        help=command_help("make-data"),
         description=__doc__,
     )
     p.add_argument("output", type=Path, help="dataset root to write")
@@ -19,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tile_size", type=int, default=64, help="tile side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset written with other settings")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, uses_lightning=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,10 @@ attention, clusters given classes by ``--assign``; ``--assign rank`` is the pape
 (Grad-CAM on the same ViT) and ``top_class`` (the floor: every pixel = the top predicted class). ``--oracle`` uses
 the ground-truth image labels instead of the predicted ones. Output: ``<output>/<id>.tif`` (uint8, GeoTIFF with
 the input's georeference), ``<output>/confidence/<id>.tif`` (per-pixel confidence x 255), ``manifest.csv`` (one row
-per tile, with each file's size and sha256), ``summary.json`` and ``run.json``. Re-running resumes: tiles whose
-files match their manifest row are kept, the rest redone. ``--output`` must not be inside ``--datadir``; a run
-holds a lock file (``.weakseg.lock``) in it, so a second run into the same folder is refused.
+per tile, with each file's size and sha256), ``summary.json``, ``run.json`` and ``figures/`` (``--no-figures``
+to skip). Re-running resumes: tiles whose files match their manifest row are kept, the rest redone. ``--output``
+must not be inside ``--datadir``; a run holds a lock file (``.weakseg.lock``) in it, so a second run into the same
+folder is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from weakseg.commands import command_help
 from weakseg.errors import ConfigError
 from weakseg.methods import METHODS
 
@@ -32,7 +34,7 @@ def _method_option_fields() -> dict[str, tuple[dataclasses.Field, dict[str, Any]
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("pseudomasks", help="generate pseudomasks from a trained classifier",
+    p = subparsers.add_parser("pseudomasks", help=command_help("pseudomasks"),
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_checkpoint", type=Path, required=True, help="classifier checkpoint (weakseg train)")
     p.add_argument("--datadir", type=Path, required=True, help="dataset root")
@@ -61,6 +63,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="score the masks when the split has ground-truth masks (default on)")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw <output>/figures/: image | ground truth | mask | confidence of --figure_tiles sampled "
+                        "tiles and, for attention methods, the per-head maps of two of them (default on; "
+                        "--no-figures skips)")
+    p.add_argument("--figure_tiles", type=int, default=4, help="tiles drawn in the figures (default 4, seeded)")
     p.set_defaults(run=run)
 
 
@@ -88,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
         method_options=method_options_from_args(args), dataset=args.dataset, oracle=args.oracle,
         relabel=args.relabel, threshold=args.threshold, batch_size=args.batch_size, num_workers=args.num_workers,
         num_devices=args.num_devices, accelerator=args.accelerator, overwrite=args.overwrite,
+        figures=args.figures, figure_tiles=args.figure_tiles,
     )
     if not summary:  # a non-zero DDP rank
         return 0
     print_summary(summary, args.output)
     if args.evaluate:
-        reader = open_dataset(summary["dataset"], args.datadir, args.split)
+        reader = open_dataset(summary["dataset"], args.datadir, args.split, modality=summary.get("modality", "s2"))
         why_not = scores_not_computed_because(summary, reader)
         if why_not:
             print(f"\nscores not computed: {why_not}")

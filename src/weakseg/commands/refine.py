@@ -14,7 +14,7 @@ the loss ignore target pixels whose confidence (``<pseudomasks>/confidence/<id>.
 own softmax probability) is below it. ``--supervised`` trains the same UNet on the ground-truth masks instead
 (the fully supervised upper bound) into ``<output>/supervised``. Outputs: ``<output>/iter{i}/masks/<id>.tif``
 (the refined pseudomasks) with ``masks/confidence/``, ``eval_masks/``, ``scores.json`` per iteration and
-``summary.json``. Re-running skips finished iterations.
+``summary.json``, and ``figures/`` (``--no-figures`` to skip). Re-running skips finished iterations.
 
 Every setting is type- and range-checked (:data:`REFINE_CHECKS` via :func:`weakseg.config.resolve`), flags and
 YAML alike, before the classifier checkpoint or any data is read.
@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from weakseg.commands import command_help
 from weakseg.config import (
     FLAGS,
     Check,
@@ -110,13 +111,14 @@ REFINE_CHECKS: dict[str, Check | list[Check]] = {
     "num_devices": at_least(1),
     "min_confidence": between(0, 1),
     "classifier": non_empty,
+    "figure_tiles": at_least(1),
 }
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "refine",
-        help="refine pseudomasks with a UNet (or train the fully supervised upper bound)",
+        help=command_help("refine"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -155,6 +157,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num_workers", type=int)
     p.add_argument("--num_devices", type=int, help="devices; >1 trains with DDP")
     p.add_argument("--accelerator", help="auto, cpu, gpu")
+    p.add_argument("--figures", action=bool_flag,
+                   help="draw <output>/figures/: per-iteration panels of --figure_tiles sampled tiles and the mIoU "
+                        "per iteration (default on; --no-figures skips them)")
+    p.add_argument("--figure_tiles", type=int, help="tiles drawn in the panels (default 4, a fixed seeded sample)")
     p.set_defaults(run=run)
 
 

@@ -20,16 +20,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from weakseg.commands import command_help
 from weakseg.config import FLAGS, explicit_args, load_yaml, resolve
 from weakseg.errors import ConfigError
 from weakseg.models.architectures import ARCHITECTURES
-from weakseg.pipeline.train import PRESETS, TRAIN_CHECKS, TrainConfig, square_imgsize, train
+from weakseg.pipeline.train import (PRESETS, TRAIN_CHECKS, TrainConfig, check_pruning_settings, square_imgsize,
+                                     train)
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train the (gated) ViT on image-level labels",
+        help=command_help("train"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -51,11 +53,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                        "holdout, e.g. validation:holdout); 'none' to skip")
     g.add_argument("--multimodal", action=bool_flag, help="Sentinel-1 + Sentinel-2 (early fusion)")
     g.add_argument("--fusion", choices=["sum", "concat"], help="multimodal fusion: sum of two patch embeddings (paper) or 15-channel concat")
-    g.add_argument("--imgsize", type=int, nargs="+", help="model input H [W]; tiles are randomly cropped to it")
+    g.add_argument("--imgsize", type=int, nargs="+",
+                   help="model input H [W]; in training, tiles are randomly cropped to it where labels come from "
+                        "masks, resized whole to it where they come from labels.csv")
     g.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
     g.add_argument("--augmentations", nargs="*", help="fliprot and/or affine (joint on S1, S2 and mask)")
     g.add_argument("--num_workers", type=int)
     g.add_argument("--cache_data", action=bool_flag, help="keep tiles in memory (default on for built-in data)")
+    g.add_argument("--strict_data", action=bool_flag,
+                   help="stop at start-up if a tile cannot be used (no valid pixel, unreadable pixels) instead of "
+                        "skipping it; skipped tiles are listed in output_dir/skipped_tiles.csv")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=sorted(ARCHITECTURES),
                    help="; ".join(f"{a.name}: {a.summary}" for a in ARCHITECTURES.values()))
@@ -75,12 +82,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp_ratio", type=float)
     g.add_argument("--pretrained", help="local timm/DeiT/DINO ViT checkpoint to start from")
     g = p.add_argument_group("pruning")
-    g.add_argument("--prune", action=bool_flag, help="Hard Concrete gate per head + L0 penalty")
-    g.add_argument("--pr_rate", type=float, help="lambda, the L0 weight (paper 0.2)")
-    g.add_argument("--l0_normalize", action=bool_flag, help="divide the L0 penalty by the number of heads (ours)")
-    g.add_argument("--l0_warmup_steps", type=int, help="ramp lambda from 0 over N steps (ours)")
+    g.add_argument("--prune", action=bool_flag, help="Hard Concrete gate per head; prune to the target (default) "
+                                                     "or with the paper's L0 penalty (--target_pruned_fraction none)")
+    # No type=float on the optional numbers: "none" must reach weakseg.config, which reads it as null.
+    g.add_argument("--target_pruned_fraction", metavar="FRACTION|none",
+                   help="fraction of the heads to prune (default 0.5; ours): the heads whose gates the task lowered "
+                        "most, ramped in over --target_warmup of the run; none: the paper's lambda * L0 (--pr_rate)")
+    g.add_argument("--target_warmup", type=float, help="fraction of the run over which the target ramps from 0 (0.5)")
+    g.add_argument("--pr_rate", metavar="LAMBDA|none",
+                   help="lambda, the L0 weight, with --target_pruned_fraction none (default and paper 0.2)")
+    g.add_argument("--l0_normalize", action=bool_flag,
+                   help="divide the L0 penalty by the number of heads (ours; with --target_pruned_fraction none)")
+    g.add_argument("--l0_warmup_steps", type=int,
+                   help="ramp lambda from 0 over N steps (ours; with --target_pruned_fraction none)")
     g.add_argument("--gate_lr_scale", type=float, help="learning-rate multiplier of the gates (ours; paper 1)")
-    g.add_argument("--gate_init", type=float, help="initial log alpha of every gate (ours; paper: Xavier-uniform)")
+    g.add_argument("--gate_init", metavar="LOG_ALPHA|none",
+                   help="initial log alpha of every gate (default 3: open; none: the paper's Xavier-uniform)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
     g.add_argument("--learning_rate", type=float)
@@ -95,8 +112,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerator", help="auto, cpu, gpu")
     g.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed")
     g.add_argument("--seed", type=int)
+    g.add_argument("--checkpoint_metric", choices=["map", "loss", "macro_f1"],
+                   help="what chooses best.ckpt on the validation split: map (default; threshold-free), loss (BCE) "
+                        "or macro_f1 (at threshold 0.5); ties go to the later epoch")
     g.add_argument("--output_dir", help="where checkpoints, metrics.csv and config.yaml go")
     g.add_argument("--resume", action=bool_flag, help="continue from output_dir/checkpoints/last.ckpt")
+    g.add_argument("--figures", action=bool_flag,
+                   help="draw output_dir/figures/ at the end: training curves and, with --prune, the gate map of "
+                        "best.ckpt (default on; --no-figures skips them)")
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -111,7 +134,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     preset_name = getattr(args, "preset", None) or preset_name  # the flag wins, as every flag does
     cfg = resolve(TrainConfig, PRESETS[preset_name], yaml_layer, flags, checks=TRAIN_CHECKS,
                   source_names=[f"preset {preset_name!r}", f"config file {config_file}", FLAGS])
-    return square_imgsize(cfg)
+    return check_pruning_settings(square_imgsize(cfg))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,13 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
     if kind == "dfc2020":
         from weakseg.data.dfc2020 import DFC2020Dataset
 
-        reader = DFC2020Dataset(root, base, **kwargs)
+        try:
+            reader = DFC2020Dataset(root, base, **kwargs)
+        except DataError as e:
+            if (Path(root) / "classes.txt").is_file():
+                raise DataError(f"{e}. {root} holds a classes.txt: it looks like a folder dataset; pass "
+                                "--dataset folder") from e
+            raise
     elif kind == "folder":
         from weakseg.data.folder import FolderDataset
 
@@ -43,4 +49,21 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
     return reader
 
 
-__all__ = ["DATASET_KINDS", "open_dataset"]
+def guess_dataset_kind(root: Path, predictions: Path | None = None) -> tuple[str, str]:
+    """(dataset kind, why) for a command not told ``--dataset``: the kind recorded in the ``run.json`` of a
+    ``weakseg pseudomasks`` folder, else ``folder`` when ``root`` holds a ``classes.txt``, else ``dfc2020``."""
+    import json
+
+    if predictions is not None:
+        try:
+            kind = json.loads((Path(predictions) / "run.json").read_text()).get("dataset")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind in DATASET_KINDS:
+            return kind, f"recorded in {Path(predictions) / 'run.json'}"
+    if (Path(root) / "classes.txt").is_file():
+        return "folder", f"{Path(root) / 'classes.txt'} exists"
+    return "dfc2020", "no classes.txt in the data folder"
+
+
+__all__ = ["DATASET_KINDS", "guess_dataset_kind", "open_dataset"]

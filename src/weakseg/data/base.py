@@ -2,10 +2,15 @@
 
 A reader (:class:`~weakseg.data.dfc2020.DFC2020Dataset`, :class:`~weakseg.data.folder.FolderDataset`) only says
 how to read one tile's image and mask (``_read_image``, ``_read_mask``) and where they live (``source_path``,
-``mask_path``); this base turns that into samples ``{'image', 'mask', 'label', 'id', 'index'}``. The transform
-(crop, augmentation, normalisation) runs before the image-level labels are computed, so labels describe the crop
-the model sees (``datasets.md`` 1.5); a reader whose labels come from elsewhere (a CSV) overrides
-:meth:`TileDataset.image_labels`.
+``mask_path``); this base turns that into samples ``{'image', 'mask', 'valid', 'label', 'id', 'index'}``. The
+transform (crop, augmentation, normalisation) runs before the image-level labels are computed, so labels describe
+the crop the model sees (``datasets.md`` 1.5); a reader whose labels come from elsewhere (a CSV) overrides
+:meth:`TileDataset.image_labels` and sets :attr:`TileDataset.labels_from_crop` False.
+
+No data (:mod:`weakseg.data.nodata`): ``read_image`` holds NaN in every band of a pixel without data. A sample's
+``valid`` (H, W) bool marks the pixels with data at the resolution of its ``mask`` (the transforms move it with
+the mask); after the transform such pixels are 255 in ``mask`` and any NaN left in ``image`` (a transform without
+normalisation) is filled like ``Normalize('none')`` does, so a sample's image is always finite.
 """
 
 from __future__ import annotations
@@ -18,26 +23,56 @@ import numpy as np
 import torch
 
 from weakseg.data.classes import IGNORE_INDEX
+from weakseg.data.nodata import pixel_validity, raster_may_hold_invalid
+from weakseg.data.normalization import fill_invalid
 from weakseg.errors import DataError
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def multi_hot_from_mask(mask: torch.Tensor, num_classes: int, threshold: float = 0.10) -> torch.Tensor:
+def multi_hot_from_mask(
+    mask: torch.Tensor, num_classes: int, threshold: float = 0.10, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Image-level labels by the >= 10 % rule (sparse-vit-wsss, citing arXiv 2104.00704).
 
-    Class c is present iff its pixel count divided by the **whole** crop area is >= ``threshold``; ignored
-    pixels (255) stay in the denominator and are never a label.
+    Class c is present iff its pixel count divided by the crop area is >= ``threshold``. The area is the whole
+    crop, or with ``valid`` its pixels with data: a pixel without data is no evidence for or against a class, so
+    a crop half outside the satellite swath still gets the labels of the half it shows. Pixels the ground truth
+    ignores (255: DFC2020's no-data, Savanna, Snow) stay in the denominator and are never a label.
 
     Args:
         mask: (H, W) integer class ids, 255 = ignore.
+        valid: (H, W) bool, True where the image has data (None: every pixel); a crop without one valid pixel
+            has no label.
     Returns:
         (num_classes,) float32 multi-hot.
     """
     flat = mask.reshape(-1).long()
-    valid = flat[flat != IGNORE_INDEX]
-    counts = torch.bincount(valid.clamp_max(num_classes), minlength=num_classes + 1)[:num_classes]
-    return (counts.float() / flat.numel() >= threshold).float()
+    area = flat.numel() if valid is None else int(valid.sum())
+    if valid is not None:
+        flat = flat[valid.reshape(-1)]
+    labelled = flat[flat != IGNORE_INDEX]
+    counts = torch.bincount(labelled.clamp_max(num_classes), minlength=num_classes + 1)[:num_classes]
+    if area == 0:
+        return torch.zeros(num_classes)
+    return (counts.float() / area >= threshold).float()
+
+
+def ignore_invalid(sample: dict[str, Any]) -> dict[str, Any]:
+    """A transformed sample made safe: 255 in ``mask`` where ``valid`` is False, no NaN left in ``image``.
+
+    NaN survives in ``image`` only when the transform did not normalise (no transform, or a custom one); it is
+    then filled with the image's own band mean over its valid pixels, as ``Normalize('none')`` fills.
+    """
+    out = dict(sample)
+    image = sample["image"]  # (C, h, w)
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        out["image"] = fill_invalid(image, ~finite)
+    valid, mask = sample.get("valid"), sample.get("mask")  # (H, W) bool, (H, W) int64
+    if valid is not None and mask is not None and valid.shape == mask.shape and not bool(valid.all()):
+        out["mask"] = mask.masked_fill(~valid, IGNORE_INDEX)
+    return out
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -54,6 +89,10 @@ class TileDataset(torch.utils.data.Dataset):
     class_names: tuple[str, ...]
     class_colors: tuple[str, ...]
     has_masks: bool
+    #: Image-level labels are computed from the mask of the sample the model sees (the >= 10 % rule), so a
+    #: training crop gets the labels of the crop. False where they are whole-image labels (a CSV): training then
+    #: resizes the whole image instead of cropping (:func:`weakseg.data.datamodule.build_transform`).
+    labels_from_crop: bool = True
 
     def __init__(self, transform: Transform | None, label_threshold: float, cache: bool) -> None:
         self.transform = transform
@@ -73,6 +112,10 @@ class TileDataset(torch.utils.data.Dataset):
 
     def mask_path(self, i: int) -> Path:
         raise NotImplementedError
+
+    def _image_files(self, i: int) -> list[Path]:
+        """Every file the image of tile ``i`` is read from (DFC2020 ``s1s2``: S2 and S1)."""
+        return [self.source_path(i)]
 
     def _restrict_files(self, indices: list[int]) -> None:
         """Keep the per-tile file lists of ``indices`` only (in that order)."""
@@ -94,8 +137,30 @@ class TileDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def read_image(self, i: int) -> np.ndarray:
-        """Scaled, unnormalised image, float32 (C, H, W)."""
+        """Scaled, unnormalised image, float32 (C, H, W), NaN in every band of a pixel without data."""
         return self._cached("image", i, self._read_image)
+
+    def read_valid(self, i: int) -> np.ndarray:
+        """(H, W) bool: the pixels of tile ``i`` with data in every band (:mod:`weakseg.data.nodata`)."""
+        return pixel_validity(self.read_image(i))
+
+    def read_target(self, i: int) -> np.ndarray:
+        """The ground truth as a target, uint8 (H, W): :meth:`read_mask` with 255 where the image has no data.
+
+        What evaluation scores: a pixel without image data cannot be predicted, so it is not counted. The image's
+        pixels are read only when one of its files can hold no-data (a float band or a nodata tag in the header);
+        a tile whose image has no valid pixel at all is entirely 255.
+        """
+        mask = self.read_mask(i)
+        try:
+            if not any(raster_may_hold_invalid(Path(p)) for p in self._image_files(i)):
+                return mask
+            valid = self.read_valid(i)
+        except DataError:
+            return np.full_like(mask, IGNORE_INDEX)
+        if valid.shape != mask.shape:
+            return mask  # a size mismatch is reported where the tile is read as a sample
+        return np.where(valid, mask, IGNORE_INDEX).astype(np.uint8)
 
     def read_mask(self, i: int) -> np.ndarray:
         """Class ids, uint8 (H, W), 255 = ignore."""
@@ -111,8 +176,11 @@ class TileDataset(torch.utils.data.Dataset):
         return self._cache[(kind, i)]
 
     def image_labels(self, i: int, sample: dict[str, Any]) -> torch.Tensor:
-        """(num_classes,) multi-hot of the transformed sample: the >= 10 % rule on its mask."""
-        return multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold)
+        """(num_classes,) multi-hot of the transformed sample: the >= 10 % rule on its mask's valid pixels."""
+        valid = sample.get("valid")
+        if valid is not None and valid.shape != sample["mask"].shape:
+            valid = None
+        return multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold, valid)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = self.read_image(i)
@@ -128,11 +196,13 @@ class TileDataset(torch.utils.data.Dataset):
         sample: dict[str, Any] = {
             "image": torch.from_numpy(image.copy() if self._cache is not None else image),
             "mask": torch.from_numpy(mask.astype(np.int64)),  # astype copies
+            "valid": torch.from_numpy(pixel_validity(image)),  # (H, W) bool
             "id": self.ids[i],
             "index": i,
         }
         if self.transform is not None:
             sample = self.transform(sample)
+        sample = ignore_invalid(sample)
         sample["label"] = self.image_labels(i, sample)
         return sample
 

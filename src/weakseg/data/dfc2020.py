@@ -15,9 +15,11 @@ Scaling (the project default, ``datasets.md`` section 2; the paper's per-image m
 in :mod:`weakseg.data.normalization`): S1 dB clipped to [-25, 0] then ``(x + 25) / 25``; S2 clipped to
 [0, 10000] then ``/ 10000``. The image is the 13 S2 bands, then (``s1s2``) the 2 S1 bands.
 
-Non-finite values (NaN, +inf, -inf) are found in the values *as read*, before clipping, and become 0 in the
-scaled image, with a warning that names the file. Deciding after clipping would turn +inf into 1.0 (the clip
-maximum) and keep it as if it were a bright pixel. A tile with no finite value at all is an error.
+No data (:mod:`weakseg.data.nodata`): a pixel is valid when every band of S2 (and, for ``s1s2``, of S1) is
+finite and differs from its band's GeoTIFF nodata tag; both are decided on the values *as read*, before clipping
+(clipping would turn +inf into 1.0, the clip maximum, and keep it as a bright pixel). ``read_image`` holds NaN in
+every band of an invalid pixel; NaN/inf values get a warning that names the file. A tile with no valid pixel is
+a :class:`~weakseg.errors.DataError` naming the file (training skips it with that reason).
 
 Plain GeoTIFFs without a georeference (some distributed copies) are read without rasterio's
 ``NotGeoreferencedWarning``: the reader never uses the georeference, so the warning would only be noise.
@@ -28,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from weakseg.data.base import TileDataset, Transform
 from weakseg.data.classes import DFC_CLASS_COLORS, DFC_CLASS_NAMES, remap_dfc
+from weakseg.data.nodata import mark_invalid, scale_valid
 from weakseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,16 +52,24 @@ _PATCH_RE = re.compile(r"^(?P<prefix>.+)_s2_(?P<scene>\d+)_p(?P<num>\d+)\.tiff?$
 
 def read_raster(path: Path, expected_bands: int | None = None) -> np.ndarray:
     """Read a raster as (C, H, W), turning every failure into a :class:`DataError` that names the file."""
+    return read_raster_nodata(path, expected_bands)[0]
+
+
+def read_raster_nodata(
+    path: Path, expected_bands: int | None = None
+) -> tuple[np.ndarray, tuple[float | None, ...]]:
+    """(values (C, H, W) as stored, the nodata tag of each band or None), failures as :class:`DataError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 arr = src.read()
+                nodata = tuple(src.nodatavals)
     except (RasterioError, OSError, ValueError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
     if expected_bands is not None and arr.shape[0] != expected_bands:
         raise DataError(f"{path} has {arr.shape[0]} bands, expected {expected_bands}")
-    return arr
+    return arr, nodata
 
 
 def scale_s1(s1: np.ndarray) -> np.ndarray:
@@ -70,32 +80,6 @@ def scale_s1(s1: np.ndarray) -> np.ndarray:
 def scale_s2(s2: np.ndarray) -> np.ndarray:
     """S2 reflectance x 10000 -> [0, 1]: clip to [0, 10000], then / 10000."""
     return (np.clip(s2.astype(np.float32), *S2_CLIP) / S2_CLIP[1]).astype(np.float32)
-
-
-def replace_nonfinite(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Replace NaN/inf by 0 (after scaling: no signal), warning with the file name; all-NaN is an error."""
-    return _zero_where_nonfinite(arr, np.isfinite(arr), path)
-
-
-def scale_finite(raw: np.ndarray, scale: Callable[[np.ndarray], np.ndarray], path: Path) -> np.ndarray:
-    """``scale(raw)`` with the values that are non-finite in ``raw`` set to 0 (see the module docstring).
-
-    The finite test runs on the raw values because clipping maps +inf to the clip maximum (1.0 after scaling).
-    """
-    finite = np.isfinite(raw) if raw.dtype.kind in "fc" else np.ones(raw.shape, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        scaled = scale(raw)
-    return _zero_where_nonfinite(scaled, finite, path)
-
-
-def _zero_where_nonfinite(arr: np.ndarray, finite: np.ndarray, path: Path) -> np.ndarray:
-    if finite.all():
-        return arr
-    if not finite.any():
-        raise DataError(f"{path} has no finite pixel (all NaN/inf): the tile cannot be used")
-    frac = 1.0 - finite.mean()
-    log.warning("%s: %.1f%% of the values are NaN/inf; they are set to 0", path, 100 * frac)
-    return np.where(finite, arr, 0.0).astype(arr.dtype)
 
 
 def find_split_root(root: Path, split: str) -> Path:
@@ -216,16 +200,25 @@ class DFC2020Dataset(TileDataset):
     def mask_path(self, i: int) -> Path:
         return self._paired(self._s2_files[i], "dfc", self.dfc_dir)
 
-    def _read_image(self, i: int) -> np.ndarray:
+    def _image_files(self, i: int) -> list[Path]:
         s2_path = self._s2_files[i]
-        s2 = scale_finite(read_raster(s2_path, 13), scale_s2, s2_path)
+        return [s2_path] if self.s1_dir is None else [s2_path, self._paired(s2_path, "s1", self.s1_dir)]
+
+    def _read_image(self, i: int) -> np.ndarray:
+        """Scaled S2 (then S1), NaN in every band of a pixel invalid in either file (module docstring)."""
+        s2_path = self._s2_files[i]
+        s2, valid = scale_valid(*read_raster_nodata(s2_path, 13), scale_s2, s2_path)  # (13, H, W), (H, W)
         if self.s1_dir is None:
-            return s2
+            return mark_invalid(s2, valid)
         s1_path = self._paired(s2_path, "s1", self.s1_dir)
-        s1 = scale_finite(read_raster(s1_path, 2), scale_s1, s1_path)
+        s1, valid_s1 = scale_valid(*read_raster_nodata(s1_path, 2), scale_s1, s1_path)  # (2, H, W), (H, W)
         if s1.shape[1:] != s2.shape[1:]:
             raise DataError(f"{s1_path} is {s1.shape[1]}x{s1.shape[2]} but {s2_path} is {s2.shape[1]}x{s2.shape[2]}")
-        return np.concatenate([s2, s1], axis=0)
+        valid &= valid_s1
+        if not valid.any():
+            raise DataError(f"{s2_path} and {s1_path} have no pixel valid in both (each is NaN/inf or nodata where "
+                            "the other has a value): the tile cannot be used")
+        return mark_invalid(np.concatenate([s2, s1], axis=0), valid)
 
     def _read_mask(self, i: int) -> np.ndarray:
         return remap_dfc(read_raster(self.mask_path(i), 1)[0])

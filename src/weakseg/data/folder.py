@@ -4,6 +4,7 @@ Layout (see the README for an example)::
 
     mydata/
       classes.txt            one class name per line; line order = class id (0, 1, ...)
+      colors.txt             optional: one '#rrggbb' display colour per class, in the order of classes.txt
       images/<id>.tif        GeoTIFF with any band count, or <id>.png / <id>.jpg RGB
       labels.csv             optional: header "id,labels", labels separated by ';' (e.g. "tile7,water;forest")
       masks/<id>.tif|.png    optional: uint8 class ids, 255 = ignore; labels then follow the >= 10 % rule and
@@ -25,6 +26,10 @@ Names are matched case-insensitively (``labels.csv`` may write ``Urban`` for ``u
 differ only by case are duplicates, an error. At most 254 classes (255 is the ignore index). When
 ``labels.csv`` exists, a name cannot contain ``,`` or ``;``, the label separators.
 
+**colors.txt** (optional) gives the classes their colours in every figure (masks, legends): one ``#rrggbb`` per
+line (blank lines ignored), as many as ``classes.txt`` has classes, in its order. Without it the classes get
+:func:`weakseg.viz.palette.class_palette` colours, which stay pairwise distinct for any number of classes.
+
 **labels.csv** is read with Python's :mod:`csv` module, so quoting is respected:
 
 - The first non-blank line is the header. It names the columns ``id`` and ``labels`` (any case); other columns
@@ -42,16 +47,22 @@ differ only by case are duplicates, an error. At most 254 classes (255 is the ig
 - Empty items between separators are skipped (``water;`` is ``water``); a repeated label counts once. Blank
   lines are skipped. Ids are unique, and every image of the split has a row and every row an image.
 
-**Labels**: with ``labels.csv``, the training labels come from it alone. They are whole-image labels, so a
-random crop keeps them, and the masks (if any) serve evaluation only. Without ``labels.csv``, labels follow
-the >= 10 % rule on the mask of the (cropped) sample (:func:`weakseg.data.base.multi_hot_from_mask`). At least
-one of the two must exist.
+**Labels**: with ``labels.csv``, the training labels come from it alone and the masks (if any) serve evaluation
+only. They are whole-image labels, which a crop can contradict (a class in one corner is not in a crop of the
+other), so the classifier is trained and validated on the whole image resized to ``--imgsize``, as prediction
+sees it (:attr:`FolderDataset.labels_from_crop` is False; :func:`weakseg.data.datamodule.build_transform`).
+Without ``labels.csv``, labels follow the >= 10 % rule on the mask of the sample the model sees, a random crop
+in training (:func:`weakseg.data.base.multi_hot_from_mask`), so they always describe the crop. At least one of
+the two must exist.
 
 **images/**: ``<id>.tif|.tiff|.png|.jpg|.jpeg`` (one file per id); every image of a dataset has the same band
 count. Pixel values: uint8 images are divided by 255; uint16 images by 10000 (the Sentinel-2 reflectance
 convention; not clipped, so a reflectance above 10000 stays above 1); every other type (float, int16, int32,
-uint32) is used as it is (choose ``--normalization standardize`` for arbitrary ranges). NaN/inf values become
-0 with a warning that names the file; an image with no finite value is an error.
+uint32) is used as it is (choose ``--normalization standardize`` for arbitrary ranges); :func:`scale_by_dtype`.
+No data (:mod:`weakseg.data.nodata`): a pixel whose value is NaN/inf or equals its band's GeoTIFF nodata tag in
+any band has no data; it is left out of the statistics, filled with a neutral value after normalisation and
+ignored (255) in targets. NaN/inf get a warning that names the file; an image with no valid pixel is an error
+(training skips the tile with that reason).
 
 **masks/**: ``<id>.tif|.tiff|.png`` (lossless; a JPEG mask is an error because compression changes class ids),
 a single band of integer class ids ``0..K-1`` or 255 = ignore, the same size as the image. Any other value,
@@ -79,8 +90,10 @@ from PIL import Image, UnidentifiedImageError
 
 from weakseg.data.base import TileDataset, Transform
 from weakseg.data.classes import IGNORE_INDEX
-from weakseg.data.dfc2020 import read_raster, replace_nonfinite
+from weakseg.data.dfc2020 import read_raster_nodata
+from weakseg.data.nodata import Nodata, mark_invalid, scale_valid
 from weakseg.errors import ConfigError, DataError
+from weakseg.viz.palette import class_palette
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +102,6 @@ MASK_SUFFIXES = (".tif", ".tiff", ".png")
 #: Label separators inside the ``labels`` field of labels.csv (',' only inside a quoted field).
 LABEL_SEPARATORS = (";", ",")
 _LABEL_SPLIT = re.compile(r"[;,]")
-_DEFAULT_COLORS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)
 #: How many ids / values an error message lists.
 _SHOWN = 5
 
@@ -121,8 +131,14 @@ def read_text(path: Path) -> str:
 
 def _read_any(path: Path, bands: int | None = None) -> np.ndarray:
     """(C, H, W) array from a GeoTIFF or a PNG/JPEG; 1-bit images come as uint8 0/1."""
+    return _read_any_nodata(path, bands)[0]
+
+
+def _read_any_nodata(path: Path, bands: int | None = None) -> tuple[np.ndarray, Nodata]:
+    """(C, H, W) array and the per-band nodata tags (a GeoTIFF's ``nodatavals``; none for PNG/JPEG)."""
+    nodata: Nodata = ()
     if path.suffix.lower() in (".tif", ".tiff"):
-        arr = read_raster(path, bands)
+        arr, nodata = read_raster_nodata(path, bands)
     else:
         try:
             with Image.open(path) as im:
@@ -132,7 +148,21 @@ def _read_any(path: Path, bands: int | None = None) -> np.ndarray:
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if bands is not None and arr.shape[0] != bands:
             raise DataError(f"{path} has {arr.shape[0]} bands, expected {bands}")
-    return arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
+    return (arr.astype(np.uint8) if arr.dtype == np.bool_ else arr), nodata
+
+
+def scale_by_dtype(arr: np.ndarray) -> np.ndarray:
+    """A folder image's fixed scaling by its stored type: uint8 / 255, uint16 / 10000, any other type as it is.
+
+    uint8 is the 8-bit display range (PNG/JPEG photos, 8-bit GeoTIFFs); uint16 is the Sentinel-2 convention of
+    reflectance x 10000 (not clipped: a reflectance above 10000 stays above 1); float, int16, int32, uint32 have no
+    convention, so their values are kept (``--normalization standardize``, the default, copes with any range).
+    """
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 10000.0
+    return arr.astype(np.float32)
 
 
 def _index_folder(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
@@ -194,7 +224,7 @@ class FolderDataset(TileDataset):
             raise DataError(f"data folder {self.root} " + ("is a file, not a folder" if self.root.exists() else "does not exist") + " (--datadir)")
         self._class_lines: dict[str, int] = {}
         self.class_names = self._read_classes()
-        self.class_colors = tuple(_DEFAULT_COLORS[i % len(_DEFAULT_COLORS)] for i in range(self.num_classes))
+        self.class_colors = class_palette(self.num_classes, self._read_colors())
         images_dir = self.root / "images"
         if not images_dir.is_dir():
             raise DataError(f"{images_dir} does not exist: put the images in an images/ folder")
@@ -258,6 +288,25 @@ class FolderDataset(TileDataset):
         if len(names) >= IGNORE_INDEX:
             raise DataError(f"{path} lists {len(names)} classes; at most {IGNORE_INDEX - 1} are supported")
         return tuple(names)
+
+    def _read_colors(self) -> list[str] | None:
+        """colors.txt -> one '#rrggbb' per class (module docstring); None when the file does not exist."""
+        path = self.root / "colors.txt"
+        if not path.is_file():
+            return None
+        colors: list[str] = []
+        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+            value = line.strip()
+            if not value:
+                continue
+            if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+                raise DataError(f"{path} line {line_no}: {value!r} is not a colour; write one '#rrggbb' per line "
+                                "(e.g. #1f77b4), in the order of classes.txt")
+            colors.append(value.lower())
+        if len(colors) != self.num_classes:
+            raise DataError(f"{path} lists {len(colors)} colour(s) but classes.txt lists {self.num_classes} "
+                            "classes: give one '#rrggbb' per class, in the same order (or delete colors.txt)")
+        return colors
 
     def _read_labels(self, path: Path) -> dict[str, np.ndarray]:
         """labels.csv -> {id: multi-hot}, strictly (the rules are in the module docstring)."""
@@ -408,9 +457,9 @@ class FolderDataset(TileDataset):
         return self._masks[i]
 
     def _read_image(self, i: int) -> np.ndarray:
-        """Scaled image (rules in the module docstring: uint8 / 255, uint16 / 10000, others as they are)."""
+        """Scaled image (:func:`scale_by_dtype`), NaN in every band of a pixel with no data (module docstring)."""
         path = self._images[i]
-        arr = _read_any(path)
+        arr, nodata = _read_any_nodata(path)
         if self._bands is None:
             self._bands = (arr.shape[0], path)
         elif arr.shape[0] != self._bands[0]:
@@ -418,13 +467,8 @@ class FolderDataset(TileDataset):
                 f"{path} has {arr.shape[0]} bands, expected {self._bands[0]} like {self._bands[1].name}: "
                 "every image of a folder dataset needs the same bands"
             )
-        if arr.dtype == np.uint8:
-            img = arr.astype(np.float32) / 255.0
-        elif arr.dtype == np.uint16:
-            img = arr.astype(np.float32) / 10000.0
-        else:
-            img = arr.astype(np.float32)
-        return replace_nonfinite(img, path)
+        img, valid = scale_valid(arr, nodata, scale_by_dtype, path)  # (C, H, W), (H, W)
+        return mark_invalid(img, valid)
 
     def _read_mask(self, i: int) -> np.ndarray:
         path = self.mask_path(i)
@@ -441,6 +485,11 @@ class FolderDataset(TileDataset):
                 f"{int(bad.sum())} pixel(s) affected"
             )
         return mask.astype(np.uint8)
+
+    @property
+    def labels_from_crop(self) -> bool:
+        """False with labels.csv: its labels describe the whole image, so training must not crop it."""
+        return self._csv_labels is None
 
     def image_labels(self, i: int, sample: dict[str, Any]) -> torch.Tensor:
         """labels.csv when present (whole-image labels, crops do not change them); else the >= 10 % rule."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from weakseg.data.base import ignore_invalid
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.errors import DataError
 from weakseg.evaluation.compare import list_prediction_masks, read_prediction_mask
@@ -68,7 +69,8 @@ class TargetTiles(Dataset):
                 f"tile of the split is {self.tile_size[0]}x{self.tile_size[1]}; refinement needs tiles of "
                 "one size"
             )
-        sample: dict[str, Any] = {"image": image, "id": self.reader.ids[i], "index": i}
+        sample: dict[str, Any] = {"image": image, "valid": torch.isfinite(image).all(0), "id": self.reader.ids[i],
+                                  "index": i}  # valid: (H, W) pixels with data (weakseg.data.nodata)
         if self.masks is not None:
             mask = self.masks[i]  # (H, W)
             if mask.shape != self.tile_size:
@@ -77,7 +79,7 @@ class TargetTiles(Dataset):
                     f"but the tile {self.reader.source_path(i)} is {self.tile_size[0]}x{self.tile_size[1]}"
                 )
             sample["mask"] = torch.from_numpy(mask.astype(np.int64))
-        return self.transform(sample)
+        return ignore_invalid(self.transform(sample))  # no-data pixels: 255 in the target, no NaN in the image
 
 
 @dataclass

@@ -5,7 +5,9 @@ here one draw moves every channel and the mask together, because the image is on
 then S1, and the mask goes through the same sampling grid (nearest, fill 255) as the image (bilinear, fill 0).
 
 Every transform takes and returns the sample dict ``{'image': (C, H, W) float, 'mask': (H, W) int64, ...}`` and
-records the crop offset in ``'crop'`` (top, left) when it crops. Randomness comes from torch's global generator,
+records the crop offset in ``'crop'`` (top, left) when it crops. The optional ``'valid'`` (H, W) bool (pixels
+with data, :mod:`weakseg.data.nodata`) moves exactly like the mask; the image may hold NaN at invalid pixels before
+normalisation. Randomness comes from torch's global generator,
 which Lightning seeds per dataloader worker (``seed_everything(..., workers=True)``).
 """
 
@@ -51,6 +53,8 @@ def _crop(sample: Sample, top: int, left: int, size: tuple[int, int]) -> Sample:
     out = dict(sample)
     out["image"] = sample["image"][:, top : top + h, left : left + w]
     out["mask"] = sample["mask"][top : top + h, left : left + w]
+    if sample.get("valid") is not None:
+        out["valid"] = sample["valid"][top : top + h, left : left + w]
     prev = sample.get("crop", (0, 0))
     out["crop"] = (int(prev[0]) + top, int(prev[1]) + left)
     return out
@@ -89,14 +93,18 @@ class CenterCrop:
 
 
 class Resize:
-    """Resize the image (bilinear, antialiased) to the model input; the mask is left at tile resolution.
+    """Resize the image (bilinear, antialiased) to the model input; the mask too (nearest) with ``targets``.
 
-    Used for pseudomask inference: the model sees the whole tile, and maps are upsampled back to the tile, so
-    masks keep the tile's size and georeference.
+    Without ``targets`` (pseudomask inference) the mask and ``valid`` stay at tile resolution: the model sees the
+    whole tile, and maps are upsampled back to the tile, so masks keep the tile's size and georeference. With
+    ``targets`` (training on whole-image labels, :func:`weakseg.data.datamodule.build_transform`) the mask and
+    ``valid`` are resized by nearest neighbour as well, so samples of tiles of any size batch together. Run it
+    after normalisation: a NaN (no data) would spread through the interpolation.
     """
 
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], targets: bool = False) -> None:
         self.size = size
+        self.targets = targets
 
     def __call__(self, sample: Sample) -> Sample:
         image = sample["image"]
@@ -106,10 +114,16 @@ class Resize:
         out["image"] = F.interpolate(
             image[None], size=self.size, mode="bilinear", align_corners=False, antialias=True
         )[0]
+        if self.targets:
+            for key in ("mask", "valid"):
+                if sample.get(key) is not None:
+                    value = sample[key]  # (H, W)
+                    out[key] = F.interpolate(value[None, None].float(), size=self.size, mode="nearest")[0, 0].to(
+                        value.dtype)
         return out
 
     def __repr__(self) -> str:
-        return f"Resize({self.size})"
+        return f"Resize({self.size}{', targets=True' if self.targets else ''})"
 
 
 class RandomFlipRotate:
@@ -120,17 +134,22 @@ class RandomFlipRotate:
     """
 
     def __call__(self, sample: Sample) -> Sample:
-        image, mask = sample["image"], sample["mask"]
-        if torch.rand(()) < 0.5:
-            image, mask = image.flip(-1), mask.flip(-1)
-        if torch.rand(()) < 0.5:
-            image, mask = image.flip(-2), mask.flip(-2)
+        image, mask, valid = sample["image"], sample["mask"], sample.get("valid")
+        flip_w, flip_h = bool(torch.rand(()) < 0.5), bool(torch.rand(()) < 0.5)
         square = image.shape[-1] == image.shape[-2]
         k = int(torch.randint(0, 4, ()).item()) if square else 2 * int(torch.randint(0, 2, ()).item())
-        if k:
-            image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            if flip_w:
+                x = x.flip(-1)
+            if flip_h:
+                x = x.flip(-2)
+            return (torch.rot90(x, k, (-2, -1)) if k else x).contiguous()
+
         out = dict(sample)
-        out["image"], out["mask"] = image.contiguous(), mask.contiguous()
+        out["image"], out["mask"] = move(image), move(mask)
+        if valid is not None:
+            out["valid"] = move(valid)
         return out
 
     def __repr__(self) -> str:
@@ -142,7 +161,8 @@ class RandomAffine:
 
     With probability ``p``: rotation uniform in [-degrees, degrees], translation uniform in
     [-translate_px, translate_px] pixels on each axis, scale 1. Image bilinear with zero fill, mask nearest
-    with 255 fill, through the same grid.
+    with 255 fill, through the same grid. A pixel interpolated from any pixel without data (``valid`` False)
+    has no data itself; pixels moved in from outside keep the zero fill and the 255 mask, as before.
     """
 
     def __init__(self, degrees: float = 20.0, translate_px: float = 5.0, p: float = 0.5) -> None:
@@ -162,7 +182,18 @@ class RandomAffine:
         )[None]
         grid = F.affine_grid(theta, [1, 1, H, W], align_corners=False)
         out = dict(sample)
-        out["image"] = F.grid_sample(image[None].float(), grid, mode="bilinear", align_corners=False)[0]
+        image = image.float()
+        invalid = ~torch.isfinite(image).all(0)  # (H, W)
+        if sample.get("valid") is not None:
+            invalid = invalid | ~sample["valid"]
+        if bool(invalid.any()):
+            # Zero the no-data pixels first (a NaN would spread to every neighbour, even with weight 0); the
+            # bilinear-sampled invalid map then marks every output pixel that drew on one of them.
+            image = image.masked_fill(invalid[None], 0.0)
+        out["image"] = F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
+        if sample.get("valid") is not None or bool(invalid.any()):
+            touched = F.grid_sample(invalid[None, None].float(), grid, mode="bilinear", align_corners=False)[0, 0]
+            out["valid"] = touched <= 1e-6  # (H, W); outside the tile counts as valid (zero fill, 255 mask)
         # Shift mask ids by +1 so zero fill marks outside pixels, then map them to the ignore index.
         m = F.grid_sample((mask[None, None].float() + 1), grid, mode="nearest", align_corners=False)[0, 0]
         out["mask"] = torch.where(m == 0, torch.full_like(m, IGNORE_INDEX), m - 1).long()

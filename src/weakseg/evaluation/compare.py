@@ -239,7 +239,8 @@ def _evaluate_many(
         needing = [name for name, plan in plans.items() if tile_id in plan.masks]
         if not needing:
             continue
-        gt = np.asarray(ground_truth.read_mask(index))  # (H, W)
+        # read_target: the ground truth with 255 where the image has no data (weakseg.data.nodata), if the reader can.
+        gt = np.asarray(getattr(ground_truth, "read_target", ground_truth.read_mask)(index))  # (H, W)
         for name in needing:
             plan = plans[name]
             path = plan.masks[tile_id]

@@ -468,6 +468,9 @@ class AttentionClustering(PseudomaskMethod):
             score_clusters=self._scorer(model, images, label_sets, blocks, kept),
         )
 
+    def attention_blocks(self, depth: int) -> list[int]:
+        return parse_blocks(self.blocks_spec(), depth)
+
     def blocks_spec(self) -> str:
         """``--blocks`` with ``auto`` resolved: the paper's last block for the rank rule, all blocks otherwise."""
         if self.options.blocks != "auto":

@@ -77,6 +77,13 @@ class PseudomaskMethod(ABC):
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
+    def attention_blocks(self, depth: int) -> list[int]:
+        """Blocks whose *kept* heads this method reads, for a model of ``depth`` blocks (none by default).
+
+        Used to warn when pruning closed every head of such a block (:mod:`weakseg.pipeline.sanity`).
+        """
+        return []
+
     def check_model(self, model: GatedViT, checkpoint: str | Path) -> None:
         """Refuse a classifier this method cannot read, naming the checkpoint and the ``--arch`` to train."""
         arch = architecture_of(model.cfg)

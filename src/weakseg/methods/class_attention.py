@@ -136,6 +136,10 @@ class ClassAttention(ClassMapMethod):
     multi_reason = "class_attention_argmax"
     empty_reason = "empty_attention"
 
+    def attention_blocks(self, depth: int) -> list[int]:
+        # With --heads all the pre-gate maps of pruned heads are read too: closed blocks still give maps.
+        return parse_blocks(self.options.blocks, depth) if self.options.heads == "kept" else []
+
     def class_maps(self, model: GatedViT, images: Tensor, label_sets: Tensor) -> Tensor:
         blocks = parse_blocks(self.options.blocks, model.cfg.depth)
         return class_attention_maps(model, images, blocks, self.options.heads, self.options.combine, label_sets)

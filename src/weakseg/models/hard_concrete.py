@@ -102,3 +102,68 @@ def l0_penalty(gates: list[HardConcreteGate], normalize: bool = False) -> Tensor
         raise ValueError("l0_penalty needs at least one gate; the model was built without gates")
     probs = torch.cat([g.open_probability() for g in gates])
     return probs.mean() if normalize else probs.sum()
+
+
+# ---- target pruned fraction: gradual pruning of the lowest gates ----------------------------------------------------
+# The paper's lambda * L0 fixes a price per open head, not a number of heads, so what it prunes depends on the data, the
+# model size and the run length, and with the reference's Xavier init the eval rule log_alpha > 0 "prunes" about half
+# of the heads before any training. With a target the number is fixed instead, and the gates only decide *which* heads:
+# they start open, learn from the task alone (straight-through gradients), and after every optimiser step the
+# round(t * N) heads of lowest log alpha are closed, t ramping linearly from 0 to the target (the schedule of gradual
+# magnitude pruning, Zhu and Gupta, "To prune, or not to prune", 2017; the rank decides as in the deterministic masks
+# of Xia, Zhong and Chen, "Structured Pruning Learns Compact and Accurate Models" (CoFi), ACL 2022). README "Pruning"
+# compares it with a Lagrangian controller on the expected pruned fraction (Wang, Wohlwend and Lei, EMNLP 2020; CoFi),
+# which oscillated in 100-step runs.
+
+
+def ramped_target(step: int, total_steps: int, target: float, warmup_fraction: float) -> float:
+    """Target pruned fraction after optimiser step ``step``: linear from 0 to ``target`` over the first
+    ``warmup_fraction`` of ``total_steps``, then ``target``. Measured in fractions of the run, so a 100-step and a
+    10,000-step run follow the same schedule."""
+    ramp = warmup_fraction * total_steps
+    if ramp <= 0:
+        return float(target)
+    return float(target) * min(1.0, max(0.0, step / ramp))
+
+
+def heads_to_close(fraction: float, num_heads: int) -> int:
+    """``fraction * num_heads`` rounded to the nearest integer (halves up), within [0, num_heads]."""
+    return min(num_heads, max(0, math.floor(fraction * num_heads + 0.5)))
+
+
+@torch.no_grad()
+def close_lowest_heads(
+    gates: list[HardConcreteGate],
+    num_closed: int,
+    closed_log_alpha: float = -3.0,
+    open_log_alpha: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Make exactly ``num_closed`` heads closed: those of lowest log alpha over all gates. In place.
+
+    Closed heads get ``log_alpha <- min(log_alpha, closed_log_alpha)``, the others
+    ``log_alpha <- max(log_alpha, open_log_alpha)``; a head already on its side keeps its value, so the task's
+    ranking of the open heads is not overwritten. ``closed_log_alpha`` -3 opens a closed head in 5 % of the training
+    steps (sigmoid(-3)), close to what the evaluation does (never) while it still gets gradients. Equal log alphas (all
+    gates start at the same value) are ordered at random (``generator``, default torch's seeded one), not by layer.
+
+    Returns:
+        bool (total heads,), True = closed, in the order of ``gates`` and their heads.
+    """
+    if not gates:
+        raise ValueError("close_lowest_heads needs at least one gate; the model was built without gates")
+    alphas = torch.cat([g.log_alpha.flatten() for g in gates])  # (N,)
+    n = alphas.numel()
+    if not 0 <= num_closed <= n:
+        raise ValueError(f"num_closed must be in [0, {n}], got {num_closed}")
+    shuffle = torch.randperm(n, generator=generator).to(alphas.device)  # random order among ties
+    order = shuffle[torch.argsort(alphas[shuffle], stable=True)]  # ascending log alpha
+    closed = torch.zeros(n, dtype=torch.bool, device=alphas.device)
+    closed[order[:num_closed]] = True
+    new = torch.where(closed, alphas.clamp(max=closed_log_alpha), alphas.clamp(min=open_log_alpha))
+    start = 0
+    for g in gates:
+        size = g.log_alpha.numel()
+        g.log_alpha.copy_(new[start : start + size].view_as(g.log_alpha))
+        start += size
+    return closed

@@ -13,10 +13,12 @@ of the DFC2020 baseline (reference ``sparse_vit.md`` section 5). With widths ``(
 stage at resolution level ``i`` maps ``concat(skip_i, up(x))`` to ``w(i-1)`` channels (``w0`` at the top), so
 the default reproduces the familiar 1024->256, 512->128, 256->64, 128->64 decoder.
 
-Input sizes: ``L = len(widths) - 1`` poolings need height and width divisible by ``2**L``. Other sizes raise a
-:class:`~weakseg.errors.ConfigError` that suggests the nearest valid size instead of being padded silently:
-padding would change what the border pixels see between training and prediction, and DFC2020 tiles (256 px)
-and their crops are always valid for the default depth.
+Input sizes: ``L = len(widths) - 1`` poolings need height and width divisible by ``2**L``. By default other
+sizes raise a :class:`~weakseg.errors.ConfigError` that suggests the nearest valid size. With ``pad_input`` (what
+``weakseg refine`` uses, so a user's 250 x 375 tiles are refined instead of refused) the input is padded by
+reflection to the next multiple, the same amount on both sides (so a flipped tile is padded the same way), and the
+logits are cropped back to the input size: training and prediction see the same padding, and no pixel outside the
+tile reaches the loss or the masks.
 """
 
 from __future__ import annotations
@@ -69,13 +71,16 @@ class UNet(nn.Module):
             ``len(widths) - 1`` max-pool steps are taken, so inputs must be divisible by
             ``2 ** (len(widths) - 1)``. The reference default is ``(64, 128, 256, 512, 512)`` (about 13 M
             parameters); ``(16, 32, 64, 128)`` is enough for a CPU demonstration.
+        pad_input: pad inputs of other sizes by reflection to the next multiple and crop the logits back
+            (module docstring) instead of raising.
 
     Raises:
         ConfigError: on non-positive channel counts or an empty ``widths``.
     """
 
     def __init__(
-        self, in_chans: int = 13, num_classes: int = 8, widths: Sequence[int] = DEFAULT_WIDTHS
+        self, in_chans: int = 13, num_classes: int = 8, widths: Sequence[int] = DEFAULT_WIDTHS,
+        pad_input: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -103,11 +108,18 @@ class UNet(nn.Module):
             deep_channels = out_channels
         self.up = nn.ModuleList(up_blocks)
         self.head = nn.Conv2d(deep_channels, num_classes, kernel_size=1)
+        self.pad_input = bool(pad_input)
 
     @property
     def size_divisor(self) -> int:
         """Height and width of an input must be multiples of this (``2 ** number of poolings``)."""
         return 2 ** (len(self.widths) - 1)
+
+    def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) reflection padding that makes (height, width) multiples of the divisor."""
+        d = self.size_divisor
+        ph, pw = -height % d, -width % d
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
     def check_input_shape(self, x: Tensor) -> None:
         """Raise :class:`ConfigError` unless ``x`` is (B, in_chans, H, W) with H and W divisible."""
@@ -117,7 +129,7 @@ class UNet(nn.Module):
             raise ConfigError(f"UNet expects {self.in_chans} input channels (in_chans), got {x.shape[1]}")
         h, w = x.shape[-2:]
         d = self.size_divisor
-        if h % d or w % d:
+        if (h % d or w % d) and not self.pad_input:
             raise ConfigError(
                 f"UNet input size {h}x{w} is not divisible by {d} (2**{len(self.widths) - 1} for "
                 f"{len(self.widths)} widths); crop or pad to "
@@ -128,6 +140,17 @@ class UNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Image (B, in_chans, H, W) -> logits (B, num_classes, H, W)."""
         self.check_input_shape(x)
+        h, w = x.shape[-2:]
+        left, right, top, bottom = self.padding(h, w)
+        if left or right or top or bottom:
+            # Reflection needs a pad smaller than the side; replicate covers tiles smaller than the divisor.
+            mode = "reflect" if max(left, right) < w and max(top, bottom) < h else "replicate"
+            logits = self._forward(F.pad(x, (left, right, top, bottom), mode=mode))  # (B, K, H + ph, W + pw)
+            return logits[..., top : top + h, left : left + w]
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) with H, W multiples of the divisor -> logits (B, num_classes, H, W)."""
         skips = [self.stem(x)]  # [(B, w0, H, W)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], kernel_size=2)))  # (B, wi, H / 2**i, W / 2**i)

@@ -1,14 +1,17 @@
-"""Progress of long training runs: a progress bar on a terminal, one log line per epoch everywhere else.
+"""Progress of long training runs: a progress bar on a terminal, log lines everywhere else.
 
 Lightning's progress bar redraws a line many times a second; in a log file or a CI job (no terminal) that becomes
 megabytes of carriage returns. :func:`show_progress_bar` says whether to draw it, and :class:`EpochLog` writes one
-line per epoch with the metrics that matter, so a run of several minutes shows it is alive either way.
+line per epoch with the metrics that matter, plus, when no progress bar is drawn and an epoch is long, a line
+within the epoch at most every ``every_seconds`` (batch b/B, elapsed time, the running loss), so a run of several
+minutes shows it is alive either way (a user's UNet refinement logged nothing for minutes per epoch).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import lightning as L
@@ -30,9 +33,31 @@ class EpochLog(Callback):
         metrics: names in ``trainer.callback_metrics`` to print, in order; missing ones are left out.
     """
 
-    def __init__(self, stage: str, metrics: Sequence[str] = ("train_loss_epoch",)) -> None:
+    def __init__(self, stage: str, metrics: Sequence[str] = ("train_loss_epoch",), every_seconds: float = 20.0,
+                 batch_metric: str = "train_loss") -> None:
         self.stage = stage
         self.metrics = tuple(metrics)
+        self.every_seconds = every_seconds
+        self.batch_metric = batch_metric
+        self._epoch_start = self._last_line = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = self._last_line = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        """A line within a long epoch (rank zero, no progress bar), at most every ``every_seconds``."""
+        if not trainer.is_global_zero or trainer.progress_bar_callback is not None:
+            return
+        now = time.monotonic()
+        if now - self._last_line < self.every_seconds:
+            return
+        self._last_line = now
+        total = trainer.num_training_batches
+        loss = trainer.callback_metrics.get(self.batch_metric)
+        log.info("  %s epoch %d/%d: batch %d/%s, %.0fs%s", self.stage, trainer.current_epoch + 1, trainer.max_epochs,
+                 batch_idx + 1, total if isinstance(total, int) else "?", now - self._epoch_start,
+                 "" if loss is None else f", {self.batch_metric} {float(loss):.4f}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

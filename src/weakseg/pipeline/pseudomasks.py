@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from weakseg.data import open_dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
+from weakseg.data.nodata import unlabel_invalid
 from weakseg.errors import ConfigError, DataError, WeaksegError
 from weakseg.io import (
     FileRecord,
@@ -81,6 +82,8 @@ from weakseg.methods.attention_clustering import relabel_regions
 from weakseg.methods.base import PseudomaskMethod
 from weakseg.data.mask_files import CONFIDENCE_DIR, write_confidence_geotiff, write_mask_geotiff
 from weakseg.pipeline.progress import show_progress_bar
+from weakseg.pipeline.run_figures import DEFAULT_FIGURE_TILES, pseudomask_figure_files, write_pseudomask_figures
+from weakseg.pipeline.sanity import warn_before_pseudomasks
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
 log = logging.getLogger(__name__)
@@ -154,6 +157,7 @@ def collate_tiles(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "id": [s["id"] for s in samples],
         "index": [int(s["index"]) for s in samples],
         "error": [s["error"] for s in samples],
+        "valid": [s.get("valid") for s in samples],  # (H, W) pixels with data (weakseg.data.nodata)
     }
 
 
@@ -227,9 +231,12 @@ class PseudomaskModule(L.LightningModule):
                 check = None
                 if res.regions is not None and res.region_class is not None and (gt != IGNORE_INDEX).any():
                     check = assignment_is_best(res.regions[k], res.region_class[k], gt)
+                # No-data pixels: 255 (unlabelled) with confidence 0, so refinement and evaluation ignore them.
+                mask_k, conf_k = unlabel_invalid(masks[k], res.confidence[k],  # type: ignore[index]
+                                                 batch["valid"][i] if "valid" in batch else None)
                 rows[i].update(
-                    status=res.status[k], reason=res.reason[k], mask=np.asarray(masks[k], dtype=np.uint8),
-                    confidence=res.confidence[k], probs=probs[j].float().cpu().numpy(),  # type: ignore[index]
+                    status=res.status[k], reason=res.reason[k], mask=mask_k,
+                    confidence=conf_k, probs=probs[j].float().cpu().numpy(),
                     labels=label_sets[j].cpu().numpy(), used=np.asarray(res.used_labels[k]),
                     assignment="" if check is None else ASSIGNMENT_BEST if check else ASSIGNMENT_NOT_BEST,
                 )
@@ -472,8 +479,8 @@ def prepare_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> No
     """Check the folder holds this run's files (or nothing of anyone's), clear an earlier run's with ``overwrite``.
 
     - ``run.json`` of another job: refused, naming the settings that differ, unless ``overwrite``.
-    - ``overwrite``: deletes only what the earlier run's manifest lists (masks, their confidence maps) and its
-      bookkeeping files (:data:`RUN_FILES`, the row logs); any other file stays, with a warning.
+    - ``overwrite``: deletes only what the earlier run's manifest lists (masks, their confidence maps), its
+      bookkeeping files (:data:`RUN_FILES`, the row logs) and its figures; any other file stays, with a warning.
     - ``.tif`` files but no ``run.json``: no weakseg run wrote them; refused, also with ``overwrite``.
     """
     run_file = out_dir / "run.json"
@@ -483,7 +490,8 @@ def prepare_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> No
             names = [n for n in sorted(_previous_run_files(out_dir)) if (out_dir / n).exists()]
             for name in names:
                 _remove(out_dir / name)
-            for path in [*sorted(out_dir.glob(MANIFEST_LOG_GLOB)), *(out_dir / n for n in RUN_FILES)]:
+            for path in [*sorted(out_dir.glob(MANIFEST_LOG_GLOB)), *(out_dir / n for n in RUN_FILES),
+                         *pseudomask_figure_files(out_dir)]:
                 _remove(path)
             log.info("--overwrite: removed %d mask and confidence file(s) of the earlier run in %s", len(names),
                      out_dir)
@@ -552,14 +560,15 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
         )
 
 
-def check_run_settings(threshold: float, batch_size: int, num_workers: int, num_devices: int) -> None:
+def check_run_settings(threshold: float, batch_size: int, num_workers: int, num_devices: int,
+                       figure_tiles: int = DEFAULT_FIGURE_TILES) -> None:
     """Range checks of the run's settings, before anything is read or written (ConfigError naming the flag)."""
     problems = []
     if not 0.0 <= threshold < 1.0:
         problems.append(f"--threshold must be in [0, 1) (a probability above which a label is predicted), got "
                         f"{threshold}")
     for flag, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("num_devices", num_devices, 1)):
+                                 ("num_devices", num_devices, 1), ("figure_tiles", figure_tiles, 1)):
         if value < minimum:
             problems.append(f"--{flag} must be at least {minimum}, got {value}")
     if problems:
@@ -570,7 +579,8 @@ def generate_pseudomasks(
     checkpoint: Path, datadir: Path, split: str, out_dir: Path, method: str = "attention", *,
     method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
     relabel: bool = False, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 0, num_devices: int = 1,
-    accelerator: str = "auto", overwrite: bool = False, progress: bool = True,
+    accelerator: str = "auto", overwrite: bool = False, progress: bool = True, figures: bool = True,
+    figure_tiles: int = DEFAULT_FIGURE_TILES,
 ) -> dict[str, Any]:
     """Pseudomasks for every tile of ``split``; returns the summary also written to ``out_dir/summary.json``.
 
@@ -584,6 +594,8 @@ def generate_pseudomasks(
         relabel: re-label each region by the classifier (the sparse ViT paper's step 8).
         threshold: probability above which a label is predicted.
         overwrite: delete the files of the earlier run in ``out_dir`` (only those its manifest lists) first.
+        figures, figure_tiles: draw ``out_dir/figures/`` for that many sampled tiles once the masks are written
+            (:func:`weakseg.pipeline.run_figures.write_pseudomask_figures`; a drawing failure is a warning).
 
     Returns:
         The summary; ``{}`` in a DDP rank other than 0.
@@ -593,11 +605,12 @@ def generate_pseudomasks(
             (disk full, permissions): the message names the file or setting.
     """
     check_run_settings(threshold=threshold, batch_size=batch_size, num_workers=num_workers,
-                       num_devices=num_devices)
+                       num_devices=num_devices, figure_tiles=figure_tiles)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     runner = get_method(method, **(method_options or {}))
     task = load_classifier(checkpoint)
     runner.check_model(task.model, checkpoint)
+    warn_before_pseudomasks(task, runner, checkpoint)
     data_cfg = dict(task.hparams.get("data_config") or {})
     kind = dataset or data_cfg.get("dataset", "dfc2020")
     modality = data_cfg.get("modality", "s2")
@@ -650,7 +663,9 @@ def generate_pseudomasks(
         t0 = time.time()
         if todo:
             predict(todo)
-        return finalize(out_dir, reader, job, elapsed=time.time() - t0, tiles_this_run=len(todo))
+        summary = finalize(out_dir, reader, job, elapsed=time.time() - t0, tiles_this_run=len(todo))
+        summary["figures"] = write_pseudomask_figures(out_dir, reader, task, runner, figure_tiles, figures)
+        return summary
 
 
 def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, tiles_this_run: int) -> dict[str, Any]:
@@ -679,7 +694,7 @@ def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, til
     reasons = Counter(r["reason"].split(";")[0] if r["status"] != "skipped" else "unreadable" for r in ordered)
     summary = {
         "method": job.method, "oracle": job.oracle, "relabel": job.relabel, "dataset": job.dataset,
-        "split": job.split,
+        "split": job.split, "modality": getattr(reader, "modality", "s2"),  # evaluation reads no-data the same way
         "tiles": len(ordered), "written": sum(1 for r in ordered if r["file"]),
         "status": dict(status), "reasons": dict(reasons),
         "tiles_this_run": tiles_this_run, "seconds_this_run": round(elapsed, 2),

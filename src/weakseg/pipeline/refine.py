@@ -47,6 +47,7 @@ unfiltered. Each stage reports the fraction of target pixels the loss ignored. L
     iter{i}/metrics.csv                    training loss per step and epoch (CSVLogger)
     iter{i}/done.json                      completion marker, written last (with the ignored fraction)
     supervised/...                         the same for the UNet trained on the ground truth
+    figures/                               refine_panels.png, miou_per_iteration.png (``figures``; run_figures.py)
 
 **Resume** (:mod:`weakseg.pipeline.stages`). Every mask and JSON file is written atomically, and ``done.json``
 last, so a folder with the marker is complete. A re-run skips finished stages whose recorded settings match
@@ -87,6 +88,7 @@ from weakseg.evaluation.metrics import format_scores_table
 from weakseg.io import atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.mask_writer import MaskFolderWriter, clear_mask_folder
 from weakseg.pipeline.progress import EpochLog
+from weakseg.pipeline.run_figures import write_refine_figures
 from weakseg.pipeline.stages import (
     DONE_FILE,
     check_reusable,
@@ -151,7 +153,7 @@ class RefineConfig:
         batch_size: training batch per device (prediction uses twice this).
         lr: AdamW learning rate (3e-3).
         lr_schedule: "cosine" (decay to 0 over the iteration's steps, the default) or "constant".
-        widths: UNet stage widths; tiles must be divisible by ``2 ** (len(widths) - 1)``.
+        widths: UNet stage widths; tiles not divisible by ``2 ** (len(widths) - 1)`` are padded inside the UNet.
         seed: iteration ``i`` is seeded with ``seed + i`` (weights, shuffling, augmentation); the supervised
             run uses ``seed + 1``: it starts from the weights of iteration 1, and only the targets differ.
         num_workers: data loader workers.
@@ -164,6 +166,9 @@ class RefineConfig:
         classifier: the classifier checkpoint that made the pseudomasks (image-label probabilities).
         label_weighting: weight the UNet's class probabilities by the classifier's (module docstring); needs
             ``classifier``.
+        figures: draw ``output_dir/figures/`` at the end (:func:`weakseg.pipeline.run_figures.write_refine_figures`:
+            per-iteration panels, mIoU per iteration); a drawing failure is a warning, never a failed run.
+        figure_tiles: tiles of ``split`` in the panels (a fixed seeded sample).
     """
 
     datadir: str
@@ -190,28 +195,51 @@ class RefineConfig:
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     classifier: str | None = None
     label_weighting: bool = True
+    figures: bool = True
+    figure_tiles: int = 4
 
 
 def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int, tuple[int, int]]:
-    """(channels, (H, W)) of the split's first tile, checked against the UNet's size divisor."""
+    """(channels, (H, W)) of the split's tiles, checked before anything trains.
+
+    Every tile's size is read from its file header (milliseconds per tile): the tiles are batched and their
+    masks checked against one size, so they must share it, and a mismatch is reported now, naming tiles of each
+    size, not as an error minutes into training. A size that is not a multiple of the UNet's divisor is padded
+    inside the UNet (:class:`weakseg.models.unet.UNet` ``pad_input``), said once here.
+    """
     if not reader.ids:
         raise DataError(f"split {split!r} has no tiles")
     channels, height, width = reader.read_image(0).shape
-    levels = len(widths) - 1
-    divisor = 2**levels
-    if height % divisor or width % divisor:
-        fitting = 0  # the most poolings both sides allow
-        while height % 2 ** (fitting + 1) == 0 and width % 2 ** (fitting + 1) == 0:
-            fitting += 1
-        suggestion = " ".join(str(w) for w in list(widths)[: fitting + 1])
-        crop = (height // divisor * divisor, width // divisor * divisor)  # largest valid crop inside the tile
-        crop_hint = f" or crop the tiles to {crop[0]}x{crop[1]}" if min(crop) > 0 else ""
+    sizes = tile_sizes(reader)
+    if len(sizes) > 1:
+        listed = "; ".join(f"{h}x{w}: {len(ids)} tile(s), e.g. {ids[0]!r}" for (h, w), ids in sizes.items())
         raise ConfigError(
-            f"tiles of split {split!r} are {height}x{width}, not divisible by {divisor} (a UNet with "
-            f"{len(widths)} widths pools {levels} times); use at most {fitting + 1} widths (e.g. --widths "
-            f"{suggestion}){crop_hint}"
+            f"tiles of split {split!r} differ in size ({listed}); refinement needs tiles of one size: resize or "
+            "crop them to one size (pseudomasks and evaluation accept any sizes)"
         )
+    divisor = 2 ** (len(widths) - 1)
+    if height % divisor or width % divisor:
+        log.info("tiles of split %r are %dx%d, not multiples of %d (a UNet with %d widths pools %d times): padded "
+                 "by reflection inside the UNet, predictions cropped back", split, height, width, divisor,
+                 len(widths), len(widths) - 1)
     return int(channels), (int(height), int(width))
+
+
+def tile_sizes(reader: Any) -> dict[tuple[int, int], list[str]]:
+    """(height, width) -> ids of the tiles of that size, from the image files' headers."""
+    import rasterio
+
+    sizes: dict[tuple[int, int], list[str]] = {}
+    with rasterio.Env():
+        for i, tile_id in enumerate(reader.ids):
+            path = reader.source_path(i)
+            try:
+                with rasterio.open(path) as src:
+                    size = (int(src.height), int(src.width))
+            except rasterio.errors.RasterioIOError as e:
+                raise DataError(f"{path}: cannot be read ({e})") from e
+            sizes.setdefault(size, []).append(tile_id)
+    return sizes
 
 
 # ---- Lightning plumbing ------------------------------------------------------------------------------------
@@ -418,7 +446,8 @@ def _train_stage(ctx: _Context, stage_dir: Path, seed: int, targets: TargetMasks
         drop_last=len(train_tiles) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
     )
     writer = MaskFolderWriter()
-    trainer = _trainer(cfg, stage_dir, [writer, EpochLog(stage)], steps_per_epoch=len(loader))
+    trainer = _trainer(cfg, stage_dir, [writer, EpochLog(stage, batch_metric="train_loss_step")],
+                       steps_per_epoch=len(loader))
     t0 = time.time()
     _fit(task, trainer, loader)
     train_seconds = time.time() - t0
@@ -500,7 +529,8 @@ def _validate(cfg: RefineConfig) -> None:
             "refinement needs a pseudomask folder (--pseudomasks), or --supervised for the upper bound"
         )
     checks = [("iterations", cfg.iterations, 0), ("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1),
-              ("num_devices", cfg.num_devices, 1), ("num_workers", cfg.num_workers, 0)]
+              ("num_devices", cfg.num_devices, 1), ("num_workers", cfg.num_workers, 0),
+              ("figure_tiles", cfg.figure_tiles, 1)]
     for name, value, minimum in checks:
         if int(value) < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {value} (--{name})")
@@ -544,7 +574,7 @@ def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:
     Raises:
         DataError: missing or incomplete pseudomask folder, mask sizes or values that do not fit the tiles, a
             ``confidence/`` folder that lacks some tiles.
-        ConfigError: invalid settings, tiles not divisible by the UNet's divisor, no ground truth for
+        ConfigError: invalid settings, tiles of different sizes in a split, no ground truth for
             ``supervised``, a finished stage in ``output_dir`` made with other settings.
     """
     _validate(cfg)
@@ -640,6 +670,7 @@ def _refine(cfg: RefineConfig, verbose: bool) -> dict[str, Any]:
         summary["iterations"] = entries
         summary["final_masks"] = entries[-1]["masks"]
     if _is_rank_zero():
+        summary["figures"] = write_refine_figures(out, summary, ctx.train_reader, cfg.figure_tiles, cfg.figures)
         atomic_write_json(out / SUMMARY_FILE, summary)
     if verbose and _is_rank_zero():
         print()

@@ -9,6 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+#: How tables name the logged metric that chose a checkpoint.
+_SCORE_NAMES = {"map": "mAP", "loss": "BCE", "bce": "BCE", "macro_f1": "macro F1"}
+
+
+def score_name(monitor: str | None) -> str:
+    """``val_map`` -> "mAP", ``val_loss`` -> "BCE", ``val_macro_f1`` -> "macro F1" (None: "score")."""
+    if not monitor:
+        return "score"
+    return _SCORE_NAMES.get(monitor.split("_", 1)[1] if "_" in monitor else monitor, monitor)
+
 
 def percent(value: float | None) -> str:
     """``0.755`` -> ``"75.5"``; None -> ``"-"``."""
@@ -91,7 +101,7 @@ def refine_progress_line(name: str, entry: dict[str, Any], eval_split: str | Non
 def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) -> str:
     """The table of :func:`weakseg.pipeline.comparison.run_comparison`.
 
-    One group of rows per classifier checkpoint (its title gives the epoch, holdout macro F1 and heads pruned of
+    One group of rows per classifier checkpoint (its title gives the epoch, the holdout score that chose it and heads pruned of
     that checkpoint), then the refined rows of the best pipeline and the supervised upper bound, then the best
     pipeline. Columns: OA, AA, mIoU of the pseudomasks on the ``validation:train`` tiles, mIoU on the holdout
     (what chose the best pipeline) and the UNet's mIoU on ``test``.
@@ -110,9 +120,10 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
             elif group == "supervised":
                 titles[len(body)] = "trained on the ground truth"
             else:
-                f1 = r.get("macro_f1")
-                titles[len(body)] = (f"{r['classifier_label']}: checkpoint of epoch {r.get('epoch')}, holdout macro "
-                                     f"F1 {'-' if f1 is None else f'{f1:.3f}'}, heads pruned {r['pruned']}")
+                score = r.get("checkpoint_score")
+                titles[len(body)] = (f"{r['classifier_label']}: checkpoint of epoch {r.get('epoch')}, holdout "
+                                     f"{score_name(r.get('checkpoint_metric'))} "
+                                     f"{'-' if score is None else f'{score:.3f}'}, heads pruned {r['pruned']}")
         train, holdout, test, alone = r.get("train") or {}, r.get("holdout"), r.get("test"), r.get("test_unet_alone")
         body.append(["  " + r["label"], percent(train.get("oa")), percent(train.get("aa")), percent(train.get("miou")),
                      percent(holdout.get("miou")) if holdout else "", percent(test.get("miou")) if test else "",

@@ -102,7 +102,8 @@ class SegmentationTask(L.LightningModule):
         widths = [int(w) for w in widths]  # a list, so the saved hparams are plain YAML
         self.save_hyperparameters()
         self.num_classes = num_classes
-        self.model = UNet(in_chans=in_chans, num_classes=num_classes, widths=widths)
+        # Tiles of any size: padded inside the UNet to its size divisor, logits cropped back (models/unet.py).
+        self.model = UNet(in_chans=in_chans, num_classes=num_classes, widths=widths, pad_input=True)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX),

@@ -30,9 +30,8 @@ from matplotlib.patches import Patch
 from weakseg.data.classes import DFC_CLASS_COLORS, IGNORE_INDEX, S2_BANDS, S2_RGB_INDICES
 from weakseg.errors import WeaksegError
 from weakseg.io import atomic_path
+from weakseg.viz.palette import IGNORE_COLOR
 
-#: Colour of ignored / unlabelled pixels (255) in colourised masks: dark grey, distinct from every DFC colour.
-IGNORE_COLOR: tuple[int, int, int] = (40, 40, 40)
 _KEPT_COLOR = "#2c7fb8"
 _PRUNED_COLOR = "#d9d9d9"
 _CROSS_COLOR = "#d7301f"
@@ -93,6 +92,26 @@ def s2_true_color(
         scaled[~finite] = 0.0
         rgb[..., out_channel] = np.round(scaled * 255).astype(np.uint8)
     return rgb
+
+
+def render_image(image: np.ndarray) -> tuple[np.ndarray, str]:
+    """Any (C, H, W) tile -> (H, W, 3) uint8 for display, with a caption that says which bands are shown.
+
+    :func:`s2_true_color` needs 13 S2 bands or 3 RGB channels; a folder dataset may have any band count, and a
+    figure must not fail on one. 13 or more channels: S2 true colour (B04, B03, B02); 3: RGB; more than 3:
+    bands 1-3 as red, green, blue (their order is the user's); 1 or 2: band 1 in grey.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise WeaksegError(f"expected a (C, H, W) image, got shape {image.shape}")
+    channels = image.shape[0]
+    if channels >= len(S2_BANDS):
+        return s2_true_color(image), "true colour"
+    if channels == 3:
+        return s2_true_color(image, (0, 1, 2)), "RGB"
+    if channels > 3:
+        return s2_true_color(image, (0, 1, 2)), "bands 1-3 as RGB"
+    return s2_true_color(image, (0, 0, 0)), "band 1 (grey)"
 
 
 def _rgb255(color: Color) -> tuple[int, int, int]:
@@ -220,13 +239,16 @@ def plot_pseudomask_panel(
     title: str | None = None,
     panel_size: float = 2.0,
     dpi: int = 100,
+    image_title: str = "true colour",
+    heat_columns: Sequence[str] = (),
 ) -> Path:
     """One row per tile: the true-colour image, then one mask per named column, with one shared class legend.
 
     Args:
         rows: one dict per tile with ``"id"`` (row label), ``"image"`` ((C, H, W) bands, or (H, W, 3) uint8
             already rendered) and one (H, W) mask per entry of ``columns`` (255 = unlabelled). A missing
-            column is drawn as an empty panel marked "n/a" (e.g. no ground truth for a tile).
+            column is drawn as an empty panel marked "n/a" (e.g. no ground truth for a tile). Optionally
+            ``"notes"``: {column: text} written over that panel (e.g. why a confidence map is constant).
         columns: mask keys in display order, also the column titles, e.g. ``["ground truth", "Grad-CAM",
             "attention", "pruned attention", "refined"]``.
         class_names, class_colors: legend entries and mask colours (e.g. ``DFC_CLASS_NAMES`` and
@@ -236,12 +258,16 @@ def plot_pseudomask_panel(
         title: figure title.
         panel_size: inches per panel; the PNG is ``(1 + len(columns)) * panel_size * dpi`` pixels wide.
         dpi: resolution.
+        image_title: title of the image column (e.g. "RGB" or "bands 1-3 as RGB", :func:`render_image`).
+        heat_columns: columns of ``columns`` that hold (H, W) values in [0, 1] (e.g. a confidence map) instead
+            of class ids: drawn with the viridis colour map, with a colour bar under the column.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
     if not rows:
         raise WeaksegError("plot_pseudomask_panel needs at least one row")
+    heat = set(heat_columns)
     if len(class_colors) < len(class_names):
         raise WeaksegError(f"{len(class_names)} class names but only {len(class_colors)} class colours")
     n_cols = 1 + len(columns)
@@ -250,12 +276,16 @@ def plot_pseudomask_panel(
     extra = 0.3 * legend_rows + 0.25 + (0.35 if title else 0.0)
     fig = _new_figure(n_cols * panel_size, len(rows) * panel_size + extra, dpi)
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    heat_images: dict[int, object] = {}  # column -> one of its images, for the colour bar
     for r, row in enumerate(rows):
         image = np.asarray(row["image"])
-        panels: list[tuple[str, np.ndarray | None]] = [("true colour", _as_rgb_display(image))]
+        panels: list[tuple[str, np.ndarray | None]] = [(image_title, _as_rgb_display(image))]
         for column in columns:
             mask = row.get(column)
-            panels.append((column, None if mask is None else colorize_mask(np.asarray(mask), class_colors)))
+            if mask is None or column in heat:
+                panels.append((column, None if mask is None else np.asarray(mask, dtype=np.float64)))
+            else:
+                panels.append((column, colorize_mask(np.asarray(mask), class_colors)))
         for c, (name, rgb) in enumerate(panels):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -263,11 +293,20 @@ def plot_pseudomask_panel(
             if rgb is None:  # a light-grey placeholder of the tile's size keeps the panel aspect
                 ax.imshow(np.full_like(panels[0][1], 240), interpolation="nearest")  # type: ignore[arg-type]
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="grey")
+            elif c > 0 and name in heat:
+                heat_images[c] = ax.imshow(rgb, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             else:
                 ax.imshow(rgb, interpolation="nearest")
+            note = (row.get("notes") or {}).get(name) if c > 0 else None  # type: ignore[union-attr]
+            if note:
+                ax.text(0.5, 0.5, str(note), ha="center", va="center", transform=ax.transAxes, fontsize=7,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 2})
             if r == 0:
                 ax.set_title(name, fontsize=9)
         axes[r, 0].set_ylabel(str(row.get("id", r)), fontsize=8)
+    for c, mappable in heat_images.items():  # under the column's last panel, leaving every panel its size
+        bar = fig.colorbar(mappable, cax=axes[-1, c].inset_axes([0.05, -0.13, 0.9, 0.06]), orientation="horizontal")
+        bar.ax.tick_params(labelsize=7)
     fig.legend(
         handles=_legend_handles(class_names, class_colors),
         loc="outside lower center",
@@ -292,6 +331,7 @@ def plot_attention_grid(
     layer_indices: Sequence[int] | None = None,
     panel_size: float = 1.6,
     dpi: int = 100,
+    image_title: str = "true colour",
 ) -> Path:
     """One panel per attention head; pruned heads greyed, crossed and labelled "pruned".
 
@@ -308,6 +348,7 @@ def plot_attention_grid(
         panel_size: inches per panel; the PNG is ``(heads + (image is not None)) * panel_size * dpi`` pixels
             wide.
         dpi: resolution.
+        image_title: title of the image panel (e.g. "bands 1-3 as RGB", :func:`render_image`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -343,7 +384,7 @@ def plot_attention_grid(
             if c < offset:
                 if layer == 0:
                     ax.imshow(_as_rgb_display(image), interpolation="nearest")  # type: ignore[arg-type]
-                    ax.set_title("true colour", fontsize=8)
+                    ax.set_title(image_title, fontsize=8)
                 else:
                     ax.set_axis_off()
                 continue
