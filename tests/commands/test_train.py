@@ -343,8 +343,9 @@ def test_resume_after_a_kill_continues_from_the_last_epoch_and_keeps_every_metri
     from weakseg.tasks.classification import ClassificationTask
 
     out = tmp_path / "run"
+    # The paper's L0 (no target ramp) and macro F1: this seed's best epoch is then the first, not the last.
     argv = ["train", "--datadir", str(tiny_dfc), "--prune", "--output_dir", str(out), *TINY_VIT_FLAGS,
-            "--num_epochs", "3", "--seed", "1"]
+            "--num_epochs", "3", "--seed", "1", "--target_pruned_fraction", "none", "--checkpoint_metric", "macro_f1"]
     step = ClassificationTask.training_step
 
     def killed_in_epoch_3(self, batch, batch_idx):

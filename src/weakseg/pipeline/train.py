@@ -322,16 +322,6 @@ def check_pruning_settings(cfg: TrainConfig) -> TrainConfig:
                                         "l0_warmup_steps": "--l0_warmup_steps 0"}[g] for g in given) + ")"
         )
     return cfg
-    given = [f"--{name} {value}" for name, value, unset in (
-        ("pr_rate", cfg.pr_rate, None), ("l0_normalize", cfg.l0_normalize, False),
-        ("l0_warmup_steps", cfg.l0_warmup_steps, 0)) if value != unset]
-    if given:
-        raise ConfigError(
-            f"{', '.join(given)} set(s) the paper's L0 penalty, which --target_pruned_fraction "
-            f"{cfg.target_pruned_fraction:g} replaces: add --target_pruned_fraction none to train with the L0 "
-            "penalty, or drop them (--pr_rate none) to prune to the target"
-        )
-    return cfg
 
 
 def ensure_data(cfg: TrainConfig) -> Path:
