@@ -190,3 +190,58 @@ def test_relabel_through_the_cli_only_relabels_regions_within_the_label_set(tiny
             assert int(new[0]) in labels, (tid, c, new)  # and it is one of the image's labels
         changed += int((before != after).any())
     assert changed > 0, "no region changed class: --relabel was not exercised"
+
+
+# ---- --crf ---------------------------------------------------------------------------------------------------
+def _masks(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for path in sorted(folder.glob("*.tif")):
+        with rasterio.open(path) as src:
+            out[path.stem] = src.read(1)
+    return out
+
+
+def test_crf_masks_are_the_crf_of_the_plain_masks_on_each_tiles_composite(tiny_checkpoint, tiny_dfc, tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    from weakseg.masks.crf import CRFSettings, crf_image, crf_refine
+
+    plain, with_crf = tmp_path / "plain", tmp_path / "crf"
+    flags = ["--method", "gradcam", "--split", "validation", "--no-evaluate"]
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, plain, *flags) == 0
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, with_crf, *flags, "--crf", "--crf_settings",
+                       "bilateral_sxy=20", "iterations=5") == 0
+    settings = CRFSettings(bilateral_sxy=20, iterations=5)
+    assert json.loads((with_crf / "run.json").read_text())["crf"] == {**settings.__dict__}
+    reader = open_dataset("dfc2020", tiny_dfc, "validation")
+    before, after = _masks(plain), _masks(with_crf)
+    assert before.keys() == after.keys() == set(reader.ids)
+    changed = 0
+    for i, tile in enumerate(reader.ids):
+        expected = crf_refine(before[tile], crf_image(reader.read_image(i)), settings)
+        assert np.array_equal(after[tile], expected), tile
+        changed += int((after[tile] != before[tile]).any())
+    assert changed > 0  # the CRF did something on this data
+    # the same folder with other CRF settings is another run: refused without --overwrite
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, with_crf, *flags, "--crf") == 2
+
+
+def test_crf_flag_mistakes_are_named(tiny_checkpoint, tiny_dfc, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m"
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, out, "--crf_settings", "iterations=3") == 2
+    assert "--crf_settings needs --crf" in capsys.readouterr().err
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, out, "--crf", "--crf_settings", "sxy=3") == 2
+    assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, out, "--crf", "--crf_settings", "iterations=many") == 2
+    assert "iterations must be an integer" in capsys.readouterr().err
+
+    import weakseg.pipeline.pseudomasks as pipeline
+    from weakseg.errors import ConfigError
+
+    def missing() -> None:
+        raise ConfigError("--crf needs the optional dependency pydensecrf2, which is not installed: "
+                          "pip install 'weakseg[crf]' (or pip install pydensecrf2)")
+
+    monkeypatch.setattr(pipeline, "require_crf", missing)
+    assert pseudomasks(tiny_checkpoint, tiny_dfc, out, "--crf") == 2
+    assert "pip install 'weakseg[crf]'" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written

@@ -21,6 +21,7 @@ from typing import Any
 
 from weakseg.commands import command_help
 from weakseg.errors import ConfigError
+from weakseg.masks.crf import CRFSettings
 from weakseg.methods import METHODS
 
 
@@ -68,7 +69,35 @@ def add_parser(subparsers: Any) -> None:
                         "tiles and, for attention methods, the per-head maps of two of them (default on; "
                         "--no-figures skips)")
     p.add_argument("--figure_tiles", type=int, default=4, help="tiles drawn in the figures (default 4, seeded)")
+    p.add_argument("--crf", action="store_true",
+                   help="post-process every mask with a dense CRF on the tile's colours (Sentinel-2 true colour, RGB, "
+                        "or bands 1-3); the classes of the mask only, unlabelled pixels stay unlabelled; needs the "
+                        "optional extra: pip install 'weakseg[crf]'")
+    p.add_argument("--crf_settings", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="CRF parameters other than WeakTr's phase-1 defaults ("
+                        + ", ".join(f"{f.name}={f.default:g}" for f in dataclasses.fields(CRFSettings)) + ")")
     p.set_defaults(run=run)
+
+
+def crf_settings_from_args(args: argparse.Namespace) -> CRFSettings | None:
+    """``--crf`` with its ``--crf_settings`` as :class:`CRFSettings`; None without ``--crf``."""
+    if not getattr(args, "crf", False):
+        if getattr(args, "crf_settings", None):
+            raise ConfigError("--crf_settings needs --crf")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(CRFSettings)}
+    values: dict[str, Any] = {}
+    for item in args.crf_settings:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--crf_settings {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        cast = int if key == "iterations" else float
+        try:
+            values[key] = cast(text)
+        except ValueError:
+            raise ConfigError(f"--crf_settings {item!r}: {key} must be {'an integer' if cast is int else 'a number'}"
+                              ) from None
+    return CRFSettings(**values)
 
 
 def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         method_options=method_options_from_args(args), dataset=args.dataset, oracle=args.oracle,
         relabel=args.relabel, threshold=args.threshold, batch_size=args.batch_size, num_workers=args.num_workers,
         num_devices=args.num_devices, accelerator=args.accelerator, overwrite=args.overwrite,
-        figures=args.figures, figure_tiles=args.figure_tiles,
+        figures=args.figures, figure_tiles=args.figure_tiles, crf=crf_settings_from_args(args),
     )
     if not summary:  # a non-zero DDP rank
         return 0

@@ -83,6 +83,7 @@ from weakseg.methods.base import PseudomaskMethod
 from weakseg.data.mask_files import CONFIDENCE_DIR, write_confidence_geotiff, write_mask_geotiff
 from weakseg.pipeline.progress import show_progress_bar
 from weakseg.pipeline.run_figures import DEFAULT_FIGURE_TILES, pseudomask_figure_files, write_pseudomask_figures
+from weakseg.masks.crf import CRFSettings, crf_image, crf_refine, require_crf
 from weakseg.pipeline.sanity import warn_before_pseudomasks
 from weakseg.tasks.classification import ClassificationTask, load_classifier
 
@@ -112,6 +113,7 @@ class PseudomaskJob:
     split: str
     threshold: float
     method_options: dict[str, Any] = field(default_factory=dict)
+    crf: dict[str, Any] | None = None  # CRFSettings of --crf, None without
 
 
 def file_sha256(path: Path) -> str:
@@ -267,6 +269,7 @@ class PseudomaskWriter(BasePredictionWriter):
                  log_every: int = 0) -> None:
         super().__init__(write_interval="batch")
         self.out_dir, self.reader, self.job, self.class_names = out_dir, reader, job, class_names
+        self.crf = CRFSettings(**job.crf) if job.crf is not None else None
         self.written = 0
         #: Without a progress bar (no terminal), one log line per this many tiles written by this rank (0: none).
         self.log_every = log_every
@@ -277,6 +280,8 @@ class PseudomaskWriter(BasePredictionWriter):
         manifest = self.out_dir / f".manifest.rank{trainer.global_rank}.jsonl"
         for row in prediction:
             files: dict[str, Any] = {}
+            if row["mask"] is not None and self.crf is not None:
+                row = self._with_crf(row)
             if row["mask"] is not None:
                 source = self.reader.source_path(row["index"])
                 conf_file = f"{CONFIDENCE_DIR}/{row['id']}.tif"
@@ -292,6 +297,14 @@ class PseudomaskWriter(BasePredictionWriter):
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.log_every and self.written % self.log_every == 0:
                 log.info("  pseudomasks: %d tiles written by rank %d", self.written, trainer.global_rank)
+
+    def _with_crf(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` with its mask after the dense CRF (:mod:`weakseg.masks.crf`) on the tile's own pixels; the
+        confidence becomes the CRF's marginal probability of the written class (0 where unlabelled), since the
+        method's confidence belongs to labels the CRF may have changed."""
+        image = self.reader.read_image(row["index"])  # (C, H, W) at the tile's size, as the mask
+        mask, confidence = crf_refine(row["mask"], crf_image(image), self.crf, return_confidence=True)
+        return {**row, "mask": mask, "confidence": confidence if confidence is not None else row["confidence"]}
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Wait for every rank: rank 0 merges the manifest next and must see every rank's rows (a no-op alone)."""
@@ -503,7 +516,7 @@ def prepare_output_dir(out_dir: Path, job: PseudomaskJob, overwrite: bool) -> No
         elif old is None:
             raise ConfigError(f"{run_file} cannot be read: choose another --output, or pass --overwrite to replace "
                               "the run it describes")
-        elif old != asdict(job):
+        elif {"crf": None, **old} != asdict(job):  # run.json of runs before --crf existed: no CRF
             diff = {k: (old.get(k), v) for k, v in asdict(job).items() if old.get(k) != v}
             raise ConfigError(
                 f"{out_dir} holds masks of another run (differs in {', '.join(diff)}: "
@@ -580,7 +593,7 @@ def generate_pseudomasks(
     method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
     relabel: bool = False, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 0, num_devices: int = 1,
     accelerator: str = "auto", overwrite: bool = False, progress: bool = True, figures: bool = True,
-    figure_tiles: int = DEFAULT_FIGURE_TILES,
+    figure_tiles: int = DEFAULT_FIGURE_TILES, crf: CRFSettings | None = None,
 ) -> dict[str, Any]:
     """Pseudomasks for every tile of ``split``; returns the summary also written to ``out_dir/summary.json``.
 
@@ -592,6 +605,8 @@ def generate_pseudomasks(
         method: a name of :data:`weakseg.methods.METHODS`; ``method_options`` its ``Options`` fields.
         oracle: ground-truth image labels instead of the predicted ones.
         relabel: re-label each region by the classifier (the sparse ViT paper's step 8).
+        crf: post-process every mask with a dense CRF on the tile's colours (:mod:`weakseg.masks.crf`; needs the
+            ``crf`` extra); None: no CRF.
         threshold: probability above which a label is predicted.
         overwrite: delete the files of the earlier run in ``out_dir`` (only those its manifest lists) first.
         figures, figure_tiles: draw ``out_dir/figures/`` for that many sampled tiles once the masks are written
@@ -607,6 +622,8 @@ def generate_pseudomasks(
     check_run_settings(threshold=threshold, batch_size=batch_size, num_workers=num_workers,
                        num_devices=num_devices, figure_tiles=figure_tiles)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if crf is not None:
+        require_crf()  # before anything is read or written: a missing extra is a start-up error
     runner = get_method(method, **(method_options or {}))
     task = load_classifier(checkpoint)
     runner.check_model(task.model, checkpoint)
@@ -625,7 +642,8 @@ def generate_pseudomasks(
     check_output_location(out_dir, datadir, reader)
     check_checkpoint_matches_data(task, reader, checkpoint)
     job = PseudomaskJob(str(checkpoint.resolve()), file_sha256(checkpoint), method, oracle, relabel, kind,
-                        str(Path(datadir).resolve()), split, threshold, runner.options_dict())
+                        str(Path(datadir).resolve()), split, threshold, runner.options_dict(),
+                        asdict(crf) if crf is not None else None)
 
     def predict(todo: list[int]) -> None:
         tiles = _SafeTiles(reader, img_size, task.model_config.in_chans)
