@@ -24,7 +24,7 @@ def test_get_method_builds_an_instance_with_its_options() -> None:
     method = get_method("attention", assign="rank", blocks="last", seed=3)
     assert isinstance(method, AttentionClustering)
     assert method.options_dict() == {"assign": "rank", "blocks": "last", "seed": 3}
-    assert get_method("gradcam").options_dict() == {"rule": "argmax", "normalize": "max"}
+    assert get_method("gradcam").options_dict() == {"rule": "argmax", "normalize": "max", "scales": "1", "flip": "off"}
     assert isinstance(get_method("class_attention", heads="all").options, ClassAttention.Options)
 
 

@@ -112,8 +112,32 @@ def test_bad_configuration_errors_name_the_setting():
     model = GatedViT(ViTConfig(**TINY, img_size=(16, 16), in_chans=13))
     with pytest.raises(ConfigError, match="expects 13 input channels, got 3"):
         model(torch.randn(1, 3, 16, 16))
-    with pytest.raises(ConfigError, match="expects 16x16 inputs, got 32x16"):
-        model(torch.randn(1, 13, 32, 16))
+    with pytest.raises(ConfigError, match="model input 18x16 is not a multiple of the patch size 4"):
+        model(torch.randn(1, 13, 18, 16))
+
+
+def test_other_input_sizes_interpolate_the_patch_positions_only():
+    from weakseg.models.vit import interpolate_patch_positions
+
+    torch.manual_seed(0)
+    model = GatedViT(ViTConfig(**TINY, img_size=(16, 16), in_chans=3)).eval()
+    P = model.num_prefix_tokens
+    x = torch.randn(2, 3, 32, 24)  # patch 4: grid 8 x 6 instead of 4 x 4
+    tokens = model.embed(x)
+    patch_pos = model.pos_embed[:, P:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)  # (1, D, 4, 4)
+    by_hand = torch.nn.functional.interpolate(patch_pos, size=(8, 6), mode="bicubic", align_corners=False)
+    expected = model.patch_embed(x) + by_hand.permute(0, 2, 3, 1).reshape(1, 48, -1)
+    torch.testing.assert_close(tokens[:, P:], expected)
+    torch.testing.assert_close(tokens[:, :P], model.cls_token.expand(2, -1, -1) + model.pos_embed[:, :P])
+    out = model.forward_features(x, attention_blocks=[-1])
+    assert out.grid == (8, 6) and out.patch_grid().shape[-2:] == (8, 6)
+    assert out.cls_to_patch_attention(1).shape[-2:] == (8, 6)
+    # the model's own size is untouched
+    same = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(model.embed(same), torch.cat([model.cls_token, model.patch_embed(same)], 1)
+                               + model.pos_embed)
+    pos = torch.randn(1, 4, 5)
+    assert interpolate_patch_positions(pos, (2, 2), (2, 2)) is pos
 
 
 # ---- class tokens, head types and the backbone contract's new parts ----------------------------------------

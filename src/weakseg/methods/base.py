@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from weakseg.errors import ConfigError
@@ -116,6 +117,46 @@ class ClassMapOptions:
     rule: str = option("argmax", "maps -> mask: argmax among the image's labels, or each label's map above its "
                                  "own mean painted in ascending probability (TokenMasking-WSSS)", MASK_RULES)
     normalize: str = option("max", "per-class normalisation before the argmax: max, or minmax", NORMALIZATIONS)
+    scales: str = option("1", "multi-scale inference: comma list of input scales whose maps are summed, e.g. "
+                              "1,1.5 (WeakTr: 1,1.2); each scale's input side is rounded to whole patches")
+    flip: str = option("off", "add each scale's horizontally flipped view (its maps flipped back) to the sum",
+                       ("off", "on"))
+
+
+def parse_scales(spec: str) -> list[float]:
+    """``"1,1.5"`` -> [1.0, 1.5]: positive, distinct scales (``--scales``)."""
+    try:
+        scales = [float(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--scales must be comma-separated numbers such as 1,1.5, got {spec!r}") from None
+    if not scales or any(not s > 0 for s in scales) or len(set(scales)) != len(scales):
+        raise ConfigError(f"--scales {spec!r}: give distinct positive scales such as 1,1.5")
+    return scales
+
+
+def multiscale_class_maps(class_maps: Any, model: GatedViT, images: Tensor, label_sets: Tensor,
+                          scales: list[float], flip: bool, out_size: tuple[int, int]) -> Tensor:
+    """Sum over scales (and flips) of ``class_maps`` upsampled to ``out_size``: (B, C, H, W).
+
+    Multi-scale + flip inference as WeakTr's CAM inference (``weaktr.md`` section 3: resize the input to each
+    scale, add the horizontally flipped view with its maps flipped back, upsample every view's maps bilinearly to
+    one size and sum them). The model sees each scale through interpolated patch positions
+    (:meth:`weakseg.models.vit.GatedViT.embed`); a scale's input side is the nearest whole number of patches.
+    Summing before the per-class normalisation of :mod:`weakseg.masks.rules` weights the views equally.
+    """
+    p = model.cfg.patch_size
+    H, W = images.shape[-2:]
+    total: Tensor | None = None
+    for scale in scales:
+        size = (max(p, round(H * scale / p) * p), max(p, round(W * scale / p) * p))
+        x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            maps = class_maps(model, x.flip(-1) if flipped else x, label_sets)  # (B, C, h_s, w_s)
+            maps = maps.flip(-1) if flipped else maps
+            up = F.interpolate(maps.float(), size=out_size, mode="bilinear", align_corners=False)  # (B, C, H, W)
+            total = up if total is None else total + up
+    assert total is not None  # at least one scale (parse_scales)
+    return total
 
 
 class ClassMapMethod(PseudomaskMethod):
@@ -130,10 +171,18 @@ class ClassMapMethod(PseudomaskMethod):
     def class_maps(self, model: GatedViT, images: Tensor, label_sets: Tensor) -> Tensor:
         """(B, C, h, w) non-negative maps; only the classes in ``label_sets`` need to be meaningful."""
 
+    def validate_options(self) -> None:
+        super().validate_options()
+        parse_scales(self.options.scales)
+
     def pseudomasks(
         self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
     ) -> PseudomaskResult:
-        maps = self.class_maps(model, images, label_sets)
+        scales, flip = parse_scales(self.options.scales), self.options.flip == "on"
+        if scales == [1.0] and not flip:
+            maps = self.class_maps(model, images, label_sets)  # (B, C, h, w): one view, as before
+        else:
+            maps = multiscale_class_maps(self.class_maps, model, images, label_sets, scales, flip, out_size)
         return class_maps_to_masks(
             maps, probs, label_sets, out_size, rule=self.options.rule, normalize=self.options.normalize,
             multi_reason=self.multi_reason if self.options.rule == "argmax" else "map_threshold",

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from weakseg.errors import ConfigError
 from weakseg.masks.rules import MASK_RULES, NORMALIZATIONS
-from weakseg.methods.base import ClassMapMethod, option, parse_blocks
+from weakseg.methods.base import ClassMapMethod, ClassMapOptions, option, parse_blocks
 from weakseg.models.vit import GatedViT
 
 HEAD_CHOICES = ("kept", "all")
@@ -46,8 +46,9 @@ COMBINE_CHOICES = ("gradient", "mean")
 
 
 @dataclasses.dataclass
-class ClassAttentionOptions:
-    """Settings of :class:`ClassAttention`."""
+class ClassAttentionOptions(ClassMapOptions):
+    """Settings of :class:`ClassAttention` (``rule`` and ``normalize`` redefined with their class-attention help;
+    ``scales`` and ``flip`` shared with every class-map method)."""
 
     blocks: str = option("all", "blocks whose attention is used: all, last, or a comma list such as 0,-1")
     heads: str = option("kept", "heads averaged per block: kept (open gates), or all as released (pre-gate maps, "

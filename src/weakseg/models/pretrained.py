@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from weakseg.errors import ConfigError
-from weakseg.models.vit import GatedViT
+from weakseg.models.vit import GatedViT, interpolate_patch_positions
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,7 @@ def resize_pos_embed(pos: Tensor, num_prefix_src: int, num_prefix_dst: int, grid
     if g0 * g0 != n0:
         raise ConfigError(f"checkpoint position embedding has {n0} patch positions, not a square grid")
     D = pos.shape[-1]
-    if (g0, g0) != tuple(grid_dst):
-        grid = patches.reshape(1, g0, g0, D).permute(0, 3, 1, 2).float()  # (1, D, g0, g0)
-        grid = F.interpolate(grid, size=grid_dst, mode="bicubic", align_corners=False)
-        patches = grid.permute(0, 2, 3, 1).reshape(1, grid_dst[0] * grid_dst[1], D)
+    patches = interpolate_patch_positions(patches.float(), (g0, g0), tuple(grid_dst))
     if num_prefix_dst != num_prefix_src:
         idx = torch.arange(num_prefix_dst).clamp_max(max(num_prefix_src - 1, 0))
         prefix = prefix[:, idx] if num_prefix_src else torch.zeros(1, num_prefix_dst, D)

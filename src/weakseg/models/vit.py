@@ -280,6 +280,20 @@ class BackboneOutput:
         return rows.reshape(*rows.shape[:3], *self.grid)
 
 
+def interpolate_patch_positions(patches: Tensor, grid_src: tuple[int, int], grid_dst: tuple[int, int]) -> Tensor:
+    """Patch position embeddings (1, h0*w0, D) of grid ``grid_src`` resized bicubically to ``grid_dst`` (1, h*w, D).
+
+    How a ViT sees another input size: DeiT/timm checkpoints at another resolution, and multi-scale inference
+    (WeakTr, ``weaktr.md``: the patch positions are interpolated, the prefix tokens' positions kept).
+    """
+    if tuple(grid_src) == tuple(grid_dst):
+        return patches
+    D = patches.shape[-1]
+    grid = patches.reshape(1, *grid_src, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+    grid = F.interpolate(grid.float(), size=tuple(grid_dst), mode="bicubic", align_corners=False).to(patches.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_dst[0] * grid_dst[1], D)
+
+
 class GatedViT(nn.Module):
     """ViT with Hard Concrete head gates; see the module docstring for the contract."""
 
@@ -383,10 +397,15 @@ class GatedViT(nn.Module):
         B, C, H, W = x.shape
         if C != self.cfg.in_chans:
             raise ConfigError(f"model expects {self.cfg.in_chans} input channels, got {C}")
-        if (H, W) != self.cfg.img_size:
-            raise ConfigError(
-                f"model expects {self.cfg.img_size[0]}x{self.cfg.img_size[1]} inputs, got {H}x{W}"
-            )
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ConfigError(f"model input {H}x{W} is not a multiple of the patch size {p} (the model was "
+                              f"trained on {self.cfg.img_size[0]}x{self.cfg.img_size[1]})")
+        pos = self.pos_embed  # (1, P + h*w, D)
+        if (H, W) != self.cfg.img_size:  # another scale (multi-scale inference): resize the patch positions
+            P = self.num_prefix_tokens
+            pos = torch.cat([pos[:, :P], interpolate_patch_positions(pos[:, P:], self.cfg.grid_size,
+                                                                     (H // p, W // p))], dim=1)
         if self.patch_embed_s1 is not None:
             s1 = self.cfg.s1_chans
             tokens = self.patch_embed(x[:, :-s1]) + self.patch_embed_s1(x[:, -s1:])  # (B, h*w, D)
@@ -395,7 +414,7 @@ class GatedViT(nn.Module):
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
-        return torch.cat([*prefix, tokens], dim=1) + self.pos_embed
+        return torch.cat([*prefix, tokens], dim=1) + pos
 
     def forward_features(
         self, x: Tensor, attention_blocks: Iterable[int] | None = None, gated_maps: bool = True
@@ -419,7 +438,8 @@ class GatedViT(nn.Module):
                 attentions[i] = attn
         tokens = self.norm(tokens)
         P = self.num_prefix_tokens
-        return BackboneOutput(tokens[:, :P], tokens[:, P:], self.grid_size, attentions, P, self.cfg.num_cls_tokens)
+        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)  # the input's own grid
+        return BackboneOutput(tokens[:, :P], tokens[:, P:], grid, attentions, P, self.cfg.num_cls_tokens)
 
     def forward_head(
         self, out: BackboneOutput, pre_logits: bool = False, drop_class_tokens: Tensor | None = None
