@@ -106,7 +106,7 @@ def _guarded(command: str, draw: Callable[[], list[Path]]) -> list[str]:
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
-def write_train_figures(out: Path, summary: dict[str, Any], enabled: bool = True) -> list[str]:
+def write_train_figures(out: Path, summary: dict[str, Any], enabled: bool = True, model: Any = None) -> list[str]:
     """``training_curves.png`` and, when the run pruned, ``gates_best.png`` in ``out/figures``.
 
     Args:
@@ -114,16 +114,18 @@ def write_train_figures(out: Path, summary: dict[str, Any], enabled: bool = True
         summary: the run's summary (:func:`weakseg.pipeline.train.train`): ``metrics_csv``, ``best``
             (epoch of the chosen checkpoint), ``monitor``, ``best_checkpoint``, ``arch``.
         enabled: False (``--no-figures``) draws nothing.
+        model: the chosen checkpoint's model when the caller has it loaded already; None reads
+            ``summary["best_checkpoint"]``.
 
     Returns:
         The paths written (none when disabled or when drawing failed, which is logged).
     """
     if not enabled:
         return []
-    return _guarded("weakseg train", lambda: _train_figures(Path(out), summary))
+    return _guarded("weakseg train", lambda: _train_figures(Path(out), summary, model))
 
 
-def _train_figures(out: Path, summary: dict[str, Any]) -> list[Path]:
+def _train_figures(out: Path, summary: dict[str, Any], model: Any = None) -> list[Path]:
     from weakseg.viz.curves import plot_training_curves
 
     fig_dir = out / FIGURES_DIR
@@ -136,8 +138,7 @@ def _train_figures(out: Path, summary: dict[str, Any]) -> list[Path]:
                                                       if isinstance(score, float) and math.isfinite(score) else "")
                   if best_epoch is not None else None)
     checkpoint = summary.get("best_checkpoint")
-    model = None
-    if checkpoint and Path(checkpoint).is_file():
+    if model is None and checkpoint and Path(checkpoint).is_file():
         from weakseg.tasks.classification import load_classifier
 
         model = load_classifier(checkpoint).model

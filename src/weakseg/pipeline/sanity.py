@@ -138,11 +138,6 @@ def method_needs(arch: str, depth: int) -> dict[str, list[int]]:
     return {r.name: blocks for r in runners if (blocks := r.attention_blocks(depth))}
 
 
-def train_frequency(counts: Tensor, images: int) -> Tensor | None:
-    """(C,) fraction of training images holding each class, or None when nothing was counted."""
-    return counts.double() / images if images > 0 else None
-
-
 def report(messages: list[str], where: str) -> None:
     """Log each message as a warning, prefixed with the stage it comes from."""
     for message in messages:

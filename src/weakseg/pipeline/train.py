@@ -364,7 +364,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from weakseg.models.architectures import get_architecture
     from weakseg.models.vit import ViTConfig
     from weakseg.pipeline.progress import EpochLog, show_progress_bar
-    from weakseg.tasks.classification import ClassificationTask, read_checkpoint
+    from weakseg.tasks.classification import ClassificationTask, load_classifier, read_checkpoint
 
     started = time.time()
     cfg = validate_train_config(cfg)
@@ -498,7 +498,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "monitor": monitor,
         "seconds": round(elapsed, 1),
-        "seconds_with_setup": None,  # set below, once the checks of the chosen checkpoint have run
         "pruned_fraction": task.model.pruned_fraction(),
         "pruned_heads_per_layer": task.model.pruned_heads_per_layer(),
         "num_heads_total": cfg.depth * cfg.num_heads,
@@ -506,12 +505,15 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "best": describe_checkpoint(best.best_model_path) if best.best_model_path else None,
         "skipped_tiles": dm.skipped_summary(),
     }
-    if trainer.is_global_zero and best.best_model_path:
-        summary["sanity"] = check_classifier(best.best_model_path, dm, val_split, task.train_label_frequency(),
-                                             arch.name)
-    summary["seconds_with_setup"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
-        summary["figures"] = write_train_figures(out, summary, cfg.figures)
+        # best.ckpt read once, for the checks and the gate figure (a paper-size checkpoint is over a gigabyte)
+        chosen = load_classifier(best.best_model_path) if best.best_model_path else None
+        if chosen is not None:
+            summary["sanity"] = check_classifier(chosen, best.best_model_path, dm, val_split,
+                                                 task.train_label_frequency(), arch.name)
+        summary["seconds_with_setup"] = round(time.time() - started, 1)
+        summary["figures"] = write_train_figures(out, summary, cfg.figures,
+                                                 model=chosen.model if chosen is not None else None)
         atomic_write_json(out / "summary.json", summary)
         print_summary(summary)
     return summary
@@ -558,16 +560,15 @@ def LatestOnTieCheckpoint(**kwargs: Any) -> Any:  # noqa: N802 - reads as the cl
     return latest_on_tie_checkpoint()(**kwargs)
 
 
-def check_classifier(checkpoint: str | Path, dm: Any, val_split: str | None, train_frequency: Any,
+def check_classifier(task: Any, checkpoint: str | Path, dm: Any, val_split: str | None, train_frequency: Any,
                      arch: str) -> dict[str, Any]:
-    """The sanity checks of :mod:`weakseg.pipeline.sanity` on ``checkpoint``: its holdout predictions against the
-    class-frequency baseline, and its gates against the blocks the pseudomask methods read. Logged as warnings."""
+    """The sanity checks of :mod:`weakseg.pipeline.sanity` on ``task``, loaded from ``checkpoint``: its holdout
+    predictions against the class-frequency baseline, and its gates against the blocks the pseudomask methods
+    read. Logged as warnings."""
     import torch
 
     from weakseg.pipeline.sanity import classifier_checks, method_needs, pruning_checks, report
-    from weakseg.tasks.classification import load_classifier
 
-    task = load_classifier(checkpoint)
     result: dict[str, Any] = {"checkpoint": str(checkpoint)}
     if val_split is not None:
         probs, targets = [], []
