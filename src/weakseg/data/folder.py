@@ -81,6 +81,7 @@ import csv
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,24 @@ def _index_folder(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> d
     return files
 
 
+def unique_lines(path: Path, noun: str, key: Callable[[str], str] = str, note: str = "") -> list[tuple[int, str]]:
+    """(line number, stripped text) of each non-blank line of ``path``; an entry listed twice (compared by
+    ``key``) is a :class:`DataError` naming both lines (classes.txt, split lists)."""
+    entries: list[tuple[int, str]] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        k = key(text)
+        if k in first_line:
+            raise DataError(f"{path} line {line_no}: {noun} {text!r} is listed twice (first on line "
+                            f"{first_line[k]}{note})")
+        first_line[k] = line_no
+        entries.append((line_no, text))
+    return entries
+
+
 def _some(items: list[Any]) -> str:
     shown = ", ".join(repr(i) for i in items[:_SHOWN])
     return shown if len(items) <= _SHOWN else f"{shown}, ... ({len(items)} in total)"
@@ -268,21 +287,9 @@ class FolderDataset(TileDataset):
         path = self.root / "classes.txt"
         if not path.is_file():
             raise DataError(f"{path} does not exist: list one class name per line")
-        names: list[str] = []
-        first_line: dict[str, int] = {}
-        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
-            name = line.strip()
-            if not name:
-                continue
-            key = name.lower()
-            if key in first_line:
-                raise DataError(
-                    f"{path} line {line_no}: class {name!r} is listed twice (first on line "
-                    f"{first_line[key]}; names are matched case-insensitively)"
-                )
-            first_line[key] = line_no
-            self._class_lines[name] = line_no
-            names.append(name)
+        entries = unique_lines(path, "class", key=str.lower, note="; names are matched case-insensitively")
+        self._class_lines.update({name: line_no for line_no, name in entries})
+        names = [name for _, name in entries]
         if not names:
             raise DataError(f"{path} lists no class")
         if len(names) >= IGNORE_INDEX:
@@ -421,18 +428,8 @@ class FolderDataset(TileDataset):
             splits_dir = self.root / "splits"
             have = sorted(p.stem for p in splits_dir.glob("*.txt")) if splits_dir.is_dir() else []
             raise DataError(f"split {self.split!r} not found: no {path}; available: {['all', *have]}")
-        ids: list[str] = []
-        first_line: dict[str, int] = {}
-        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
-            tile = line.strip()
-            if not tile:
-                continue
-            if tile in first_line:
-                raise DataError(
-                    f"{path} line {line_no}: id {tile!r} is listed twice (first on line {first_line[tile]})"
-                )
-            first_line[tile] = line_no
-            ids.append(tile)
+        first_line = {tile: line_no for line_no, tile in unique_lines(path, "id")}  # dicts keep the file's order
+        ids = list(first_line)
         if not ids:
             raise DataError(f"split {self.split!r} is empty: {path} lists no id")
         missing = [i for i in ids if i not in images]
