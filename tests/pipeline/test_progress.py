@@ -35,3 +35,45 @@ def test_no_lines_under_a_progress_bar(caplog, monkeypatch):
     cb.on_train_epoch_start(trainer, None)
     cb.on_train_batch_end(trainer, None, None, None, 0)
     assert caplog.records == []
+
+
+def test_a_header_rewrite_of_metrics_csv_is_atomic(tmp_path, monkeypatch):
+    """A new column rewrites metrics.csv; a kill during that rewrite must leave the old file whole."""
+    import csv
+
+    import weakseg.io
+    from weakseg.pipeline.progress import csv_logger
+
+    logger = csv_logger(tmp_path)
+    logger.log_metrics({"val_loss": 0.5, "epoch": 0}, step=0)
+    logger.save()
+    before = (tmp_path / "metrics.csv").read_text()
+
+    class Killed(Exception):
+        pass
+
+    def killed_before_rename(src, dst):
+        raise Killed  # the process dies after writing the temporary file, before the rename
+
+    monkeypatch.setattr(weakseg.io.os, "replace", killed_before_rename)
+    logger.log_metrics({"train_macro_f1": 0.4, "epoch": 0}, step=1)  # a new column: header rewrite
+    try:
+        logger.save()
+    except Killed:
+        pass
+    assert (tmp_path / "metrics.csv").read_text() == before  # the old rows are still there, whole
+    assert not [p for p in tmp_path.iterdir() if p.name != "metrics.csv" and p.name.endswith(".csv")]
+
+
+def test_the_metrics_logger_writes_new_columns_as_lightnings_does(tmp_path):
+    import csv
+
+    from weakseg.pipeline.progress import csv_logger
+
+    logger = csv_logger(tmp_path)
+    logger.log_metrics({"val_loss": 0.5, "epoch": 0}, step=0)
+    logger.save()
+    logger.log_metrics({"train_macro_f1": 0.4, "epoch": 0}, step=1)
+    logger.save()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(r["step"], r["val_loss"], r["train_macro_f1"]) for r in rows] == [("0", "0.5", ""), ("1", "", "0.4")]

@@ -9,13 +9,18 @@ minutes shows it is alive either way (a user's UNet refinement logged nothing fo
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 import time
+from pathlib import Path
 from collections.abc import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.csv_logs import CSVLogger, ExperimentWriter
+
+from weakseg.io import atomic_path
 
 log = logging.getLogger("weakseg")
 
@@ -66,3 +71,35 @@ class EpochLog(Callback):
         shown = ", ".join(f"{name} {float(values[name]):.4f}" for name in self.metrics if name in values)
         if shown:
             log.info("  %s epoch %d/%d: %s", self.stage, trainer.current_epoch + 1, trainer.max_epochs, shown)
+
+
+def csv_logger(save_dir: str | Path) -> CSVLogger:
+    """Lightning's CSV logger writing ``<save_dir>/metrics.csv``, whose header rewrites are atomic.
+
+    When a metric appears for the first time (the first epoch's epoch-end metrics), Lightning rewrites the whole
+    file in place with the new header: a run killed during that rewrite left ``metrics.csv`` truncated, and the rows
+    of the epochs before were lost although ``last.ckpt`` had them (seen as a flaky kill-and-resume test). Here the
+    rewrite goes to a temporary file renamed over the old one (:func:`weakseg.io.atomic_path`); appends stay
+    appends.
+    """
+    return _AtomicCSVLogger(save_dir=str(save_dir), name="", version="")
+
+
+class _AtomicHeaderWriter(ExperimentWriter):
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class _AtomicCSVLogger(CSVLogger):
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicHeaderWriter(log_dir=self.log_dir)
+        return self._experiment

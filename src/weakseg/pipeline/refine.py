@@ -73,7 +73,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -87,7 +86,7 @@ from weakseg.evaluation.compare import evaluate_folder
 from weakseg.evaluation.metrics import format_scores_table
 from weakseg.io import atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.mask_writer import MaskFolderWriter, clear_mask_folder
-from weakseg.pipeline.progress import EpochLog
+from weakseg.pipeline.progress import EpochLog, csv_logger
 from weakseg.pipeline.run_figures import write_refine_figures
 from weakseg.pipeline.stages import (
     DONE_FILE,
@@ -249,7 +248,7 @@ def _trainer(
     return L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices,
         strategy="ddp" if cfg.num_devices > 1 else "auto",
-        logger=CSVLogger(save_dir=str(stage_dir), name="", version="") if stage_dir is not None else False,
+        logger=csv_logger(stage_dir) if stage_dir is not None else False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
     )

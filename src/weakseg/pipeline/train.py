@@ -358,12 +358,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from weakseg.data.datamodule import WeakSegDataModule
     from weakseg.models.architectures import get_architecture
     from weakseg.models.vit import ViTConfig
-    from weakseg.pipeline.progress import EpochLog, show_progress_bar
+    from weakseg.pipeline.progress import EpochLog, csv_logger, show_progress_bar
     from weakseg.tasks.classification import ClassificationTask, load_classifier, read_checkpoint
 
     started = time.time()
@@ -452,8 +451,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_csv = out / "metrics.csv"
     # Read before the CSV logger exists: its writer deletes metrics.csv when it starts.
     kept = rows_before_checkpoint(metrics_csv, resume_from) if resume_from is not None else None
-    csv_logger = CSVLogger(save_dir=str(out), name="", version="")
-    loggers: list[Any] = [csv_logger]
+    metrics_logger = csv_logger(out)
+    loggers: list[Any] = [metrics_logger]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -479,7 +478,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                       splits={"train": train_split, "val": val_split})
         pass
     if kept is not None and trainer.is_global_zero:
-        restore_metrics(csv_logger, metrics_csv, *kept)
+        restore_metrics(metrics_logger, metrics_csv, *kept)
     t0 = time.time()
     with warnings.catch_warnings():
         # Resuming into the run's own folder: its checkpoints are meant to be there.
