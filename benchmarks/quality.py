@@ -52,13 +52,14 @@ def run_one_seed(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from weakseg.cli import setup_logging
-    from weakseg.pipeline.comparison import ComparisonConfig, run_comparison
+    from weakseg.pipeline.comparison import CLASSIFIERS, ComparisonConfig, run_comparison
 
     setup_logging(quiet=True)
     seed = args.seed_run
     out = args.output / f"seed{seed}"
     cfg = ComparisonConfig(datadir=str(args.output / "data"), output_dir=str(out), seed=seed,
-                           vit_epochs=args.vit_epochs, unet_epochs=args.unet_epochs, iterations=args.iterations)
+                           vit_epochs=args.vit_epochs, unet_epochs=args.unet_epochs, iterations=args.iterations,
+                           classifiers=tuple(c.name for c in CLASSIFIERS), refine_best_of=("weaktr",))
     run_comparison(cfg, progress=lambda line: print(f"[seed {seed}] {line}", flush=True))
 
 
@@ -92,12 +93,12 @@ def aggregate(folder: Path) -> str:
         lines.append(f"{clf:<24} {method:<46} {_mean_sd(values[key]['train']):>13} "
                      f"{_mean_sd(values[key]['holdout']):>13} {_mean_sd(values[key]['test']):>13}")
 
-    def diffs(classifier: str, a: str, b: str) -> list[float]:
+    def diffs(classifier: str, a: str, b: str, part: str = "train") -> list[float]:
         out = []
         for seed in seeds:
             rows = {(r["classifier"], r["method"]): r for r in results[seed]["rows"]}
             if (classifier, a) in rows and (classifier, b) in rows:
-                out.append(rows[(classifier, a)]["train"]["miou"] - rows[(classifier, b)]["train"]["miou"])
+                out.append(rows[(classifier, a)][part]["miou"] - rows[(classifier, b)][part]["miou"])
         return out
 
     rates: dict[tuple[str, str], list[float]] = {}
@@ -123,6 +124,32 @@ def aggregate(folder: Path) -> str:
             ok = statistics.fmean(d) > 0
             lines.append(f"  {clf}: attention default rule - rank rule = {_mean_sd(d)} mIoU (need > 0): "
                          f"{'PASS' if ok else 'FAIL'}")
+    weaktr_pairs = [("weaktr_released", "gradcam"), ("weaktr_fused", "gradcam"), ("weaktr_coarse", "gradcam"),
+                    ("weaktr_fused", "weaktr_released"), ("weaktr_coarse", "weaktr_fused"),
+                    ("class_attention", "weaktr_fused")]
+    weaktr_lines = []
+    for clf in ("weaktr_pruned", "weaktr_unpruned"):
+        for a, b in weaktr_pairs:
+            d_hold, d_train = diffs(clf, a, b, "holdout"), diffs(clf, a, b)
+            if d_hold:
+                weaktr_lines.append(f"  {clf:<16} {a + ' - ' + b:<36} holdout {_mean_sd(d_hold):>13}   "
+                                    f"train tiles {_mean_sd(d_train):>13}")
+    if weaktr_lines:
+        lines += ["", "WeakTr: paired differences on the same classifier (mIoU points, mean ± sd over seeds):",
+                  *weaktr_lines]
+    family = [(seed, r) for seed in seeds for r in results[seed]["rows"] if r["method"] == "refined_weaktr_1"]
+    if family:
+        lines += ["", "refinement of each seed's best WeakTr pipeline (chosen on the holdout among the WeakTr "
+                  "classifiers' methods): input masks and iteration 1 on the train tiles, on 'test' (UNet x labels):"]
+        gains = []
+        for seed, r in family:
+            src = next(x for x in results[seed]["rows"] if x["classifier"] == r["classifier"]
+                       and x["method"] == r["refines"])
+            gains.append(r["train"]["miou"] - src["train"]["miou"])
+            lines.append(f"  {seed:<5} {r['classifier_label'] + ' + ' + src['label']:<62} "
+                         f"{100 * src['train']['miou']:6.1f} {100 * r['train']['miou']:7.1f} "
+                         f"{100 * r['test']['miou']:6.1f}")
+        lines.append(f"  iteration 1 - input masks on the train tiles: {_mean_sd(gains)}")
     lines += ["", "refinement of each seed's best pipeline (chosen on the holdout): mIoU of the input masks and of "
               "iteration 1 on the train tiles, on 'test' (UNet x classifier labels) and the UNet alone on 'test':",
               f"  {'seed':<5} {'pipeline':<62} {'input':>6} {'iter 1':>7} {'test':>6} {'alone':>6} "

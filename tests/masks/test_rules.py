@@ -132,7 +132,7 @@ def test_maps_are_upsampled_keeping_height_and_width(rule: str) -> None:
 
 def test_bad_inputs_are_rejected() -> None:
     maps = maps_1x4([1.0, 0, 0, 0], [0, 0, 0, 1.0])
-    with pytest.raises(ValueError, match=r"unknown mask rule 'vote'; choose from \['argmax', 'threshold'\]"):
+    with pytest.raises(ValueError, match=r"unknown mask rule 'vote'; choose from \['argmax', 'threshold', 'background'\]"):
         masks_of(maps, rule="vote")
     with pytest.raises(ValueError, match=r"maps must be \(B, C, h, w\)"):
         masks_of(maps[0])
@@ -179,3 +179,28 @@ def test_threshold_rule_fills_holes_and_reports_flat_maps() -> None:
     assert (nothing.masks == 0).all() and (nothing.confidence == 0).all()
     assert nothing.status == ["fallback"]
     assert nothing.reason == ["map_threshold;empty_map:0;empty_map:2;nothing_painted"]
+
+
+# ---- background plane (WeakTr, VOC) -------------------------------------------------------------------------
+def test_background_rule_against_a_constant_plane_by_hand() -> None:
+    """Classes: 0 background, 1 and 2 foreground. Min-max maps of label 1 [0, .25, .5, 1] and label 2
+    [1, .4, .0, .2] against t = 0.45: pixel 0 -> 2, pixel 1 -> background (.45 > .4 > .25), pixel 2 -> 1
+    (.5 > .45), pixel 3 -> 1. Background's own map is never read, and it is a label even when not predicted."""
+    maps = torch.tensor([[[[9.0, 9.0, 9.0, 9.0]], [[0.0, 1.0, 2.0, 4.0]], [[5.0, 2.0, 0.0, 1.0]]]])
+    labels = torch.tensor([[False, True, True]])
+    res = masks_of(maps, p=torch.tensor([[0.1, 0.9, 0.8]]), labels=labels, rule="background", normalize="minmax",
+                   background_index=0, background_threshold=0.45)
+    assert res.masks.tolist() == [[[2, 0, 1, 1]]]
+    np.testing.assert_allclose(res.confidence[0, 0], [1.0 - 0.45, 0.45 - 0.4, 0.5 - 0.45, 1.0 - 0.45], atol=1e-6)
+    # a higher threshold gives background more pixels; the one-label image is split, not painted whole
+    high = masks_of(maps, p=torch.tensor([[0.1, 0.9, 0.8]]), labels=labels, rule="background",
+                    normalize="minmax", background_index=0, background_threshold=0.95)
+    assert high.masks.tolist() == [[[2, 0, 0, 1]]]
+    one = masks_of(maps, p=torch.tensor([[0.1, 0.9, 0.2]]), labels=torch.tensor([[False, True, False]]),
+                   rule="background", normalize="minmax", background_index=0, background_threshold=0.45)
+    assert one.masks.tolist() == [[[0, 0, 1, 1]]]
+
+
+def test_background_rule_needs_the_background_index() -> None:
+    with pytest.raises(ValueError, match="background class index"):
+        masks_of(maps_1x4([0, 1, 2, 3], [3, 2, 1, 0]), rule="background")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from weakseg.errors import ConfigError
-from weakseg.methods import METHODS, AttentionClustering, ClassAttention, GradCAM, TopClass, get_method
+from weakseg.methods import METHODS, AttentionClustering, ClassAttention, GradCAM, TopClass, WeakTrCAM, get_method
 from weakseg.methods.base import parse_blocks
 from weakseg.models.vit import build_vit
 
-NAMES = ["attention", "class_attention", "gradcam", "top_class"]
+NAMES = ["attention", "class_attention", "gradcam", "top_class", "weaktr"]
 
 
 def test_every_method_is_registered_under_its_own_name() -> None:
     assert sorted(METHODS) == NAMES
     assert all(cls.name == name for name, cls in METHODS.items())
     assert METHODS["attention"] is AttentionClustering and METHODS["class_attention"] is ClassAttention
-    assert METHODS["gradcam"] is GradCAM and METHODS["top_class"] is TopClass
+    assert METHODS["gradcam"] is GradCAM and METHODS["top_class"] is TopClass and METHODS["weaktr"] is WeakTrCAM
     assert all(cls.summary for cls in METHODS.values())
 
 
@@ -24,19 +24,20 @@ def test_get_method_builds_an_instance_with_its_options() -> None:
     method = get_method("attention", assign="rank", blocks="last", seed=3)
     assert isinstance(method, AttentionClustering)
     assert method.options_dict() == {"assign": "rank", "blocks": "last", "seed": 3}
-    assert get_method("gradcam").options_dict() == {"rule": "argmax", "normalize": "max", "scales": "1", "flip": "off"}
+    assert get_method("gradcam").options_dict() == {"rule": "argmax", "normalize": "max",
+                                                      "background_threshold": 0.43, "scales": "1", "flip": "off"}
     assert isinstance(get_method("class_attention", heads="all").options, ClassAttention.Options)
 
 
 def test_unknown_method_lists_the_names() -> None:
     with pytest.raises(ConfigError, match=r"unknown method 'cam' \(--method\); choose from "
-                                          r"\['attention', 'class_attention', 'gradcam', 'top_class'\]"):
+                                          r"\['attention', 'class_attention', 'gradcam', 'top_class', 'weaktr'\]"):
         get_method("cam")
 
 
 @pytest.mark.parametrize(
     ("name", "option", "value", "choices"),
-    [("gradcam", "rule", "vote", "['argmax', 'threshold']"),
+    [("gradcam", "rule", "vote", "['argmax', 'threshold', 'background', 'auto']"),
      ("class_attention", "heads", "pruned", "['kept', 'all']"),
      ("attention", "assign", "random", "['rank', 'head_gradient', 'gradcam', 'relabel']"),
      ("class_attention", "normalize", "sum", "['max', 'minmax']")],

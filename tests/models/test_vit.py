@@ -214,7 +214,7 @@ def test_class_token_heads_need_one_token_per_class(head_type: str) -> None:
     with pytest.raises(ConfigError, match="num_cls_tokens 1 != num_classes 3"):
         ViTConfig(**SMALL, head_type=head_type)
     with pytest.raises(ConfigError,
-                       match=r"head_type must be one of \['pooled', 'per_class', 'flatten'\], got 'mlp'"):
+                       match=r"head_type must be one of \['pooled', 'per_class', 'flatten', 'mean'\], got 'mlp'"):
         ViTConfig(**SMALL, num_cls_tokens=3, head_type="mlp")
 
 

@@ -224,7 +224,7 @@ def _penalty_in_loss(task: ClassificationTask, step: int) -> float:
         torch.manual_seed(1)
         loss = task.training_step(data, 0)
     torch.manual_seed(1)
-    _, bce, _, _ = task._step(data, train=True)
+    _, bce, _, _, _ = task._step(data, train=True)
     return float((loss - bce).detach())
 
 

@@ -76,6 +76,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--crf_settings", nargs="+", default=[], metavar="KEY=VALUE",
                    help="CRF parameters other than WeakTr's phase-1 defaults ("
                         + ", ".join(f"{f.name}={f.default:g}" for f in dataclasses.fields(CRFSettings)) + ")")
+    p.add_argument("--sweep_background", metavar="START:STOP:STEP",
+                   help="instead of writing masks: score every background threshold t (e.g. 0.30:0.60:0.01) of "
+                        "--rule background on the split's ground-truth masks and report the best (it uses masks: "
+                        "sweep on a holdout such as train:holdout, report on another split); writes "
+                        "<output>/background_sweep.json")
     p.set_defaults(run=run)
 
 
@@ -119,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from weakseg.io import atomic_write_json
     from weakseg.pipeline.pseudomasks import generate_pseudomasks, print_summary
 
+    if args.sweep_background:
+        return run_sweep(args)
     summary = generate_pseudomasks(
         args.model_checkpoint, args.datadir, args.split, args.output, args.method,
         method_options=method_options_from_args(args), dataset=args.dataset, oracle=args.oracle,
@@ -139,6 +146,25 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(args.output / "scores.json", scores)
             print()
             print(format_scores_table({args.method: scores}))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``--sweep_background``: the background threshold chosen on the split's masks, no masks written."""
+    from weakseg.pipeline.background_sweep import parse_sweep, print_sweep, sweep_background_threshold
+
+    if args.crf or args.relabel or args.num_devices != 1:
+        raise ConfigError("--sweep_background scores the method's own masks on one device: leave out --crf, "
+                          "--relabel and --num_devices")
+    options = method_options_from_args(args)
+    if options.get("rule", "background") != "background" or "background_threshold" in options:
+        raise ConfigError("--sweep_background sets --rule background and tries every --background_threshold itself")
+    summary = sweep_background_threshold(
+        args.model_checkpoint, args.datadir, args.split, args.output, args.method, parse_sweep(args.sweep_background),
+        method_options=options, dataset=args.dataset, oracle=args.oracle, threshold=args.threshold,
+        batch_size=args.batch_size, num_workers=args.num_workers,
+    )
+    print_sweep(summary, args.output)
     return 0
 
 

@@ -66,15 +66,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=sorted(ARCHITECTURES),
                    help="; ".join(f"{a.name}: {a.summary}" for a in ARCHITECTURES.values()))
-    g.add_argument("--class_token_head", choices=["per_class", "flatten"],
+    g.add_argument("--class_token_head", choices=["per_class", "flatten", "mean"],
                    help="class_tokens: logit c from token c (default), or one linear layer over all class tokens "
-                        "(as released with TokenMasking-WSSS)")
+                        "(as released with TokenMasking-WSSS); weaktr: mean of token c's channels (default, as "
+                        "WeakTr) or per_class")
+    g.add_argument("--aaf", choices=["v2", "v1", "random"],
+                   help="weaktr: Adaptive Attention Fusion variant (default v2, the current release)")
+    g.add_argument("--aaf_reduction", type=int, help="weaktr: SE reduction of AAF (default 8; v1: 4)")
+    g.add_argument("--aaf_pool", choices=["max", "avg"], help="weaktr: token pooling of AAF v2 (default max)")
+    g.add_argument("--cam_fusion", choices=["fused", "coarse", "attention"],
+                   help="weaktr: CAM before patch-attention refinement: class attention x coarse CAM (fused, "
+                        "default), the coarse CAM or the class attention alone")
     g.add_argument("--num_register_tokens", type=int, help="register tokens (default: class_tokens 1, vit 0)")
     g.add_argument("--token_mask_rate", type=float,
                    help="class_tokens: probability of masking an absent class's token in training (default: 0 with "
                         "the per_class head, 0.5 with the flatten head as the paper)")
     g.add_argument("--diversity_weight", type=float, help="class_tokens: weight of the class-map diversity loss (0)")
-    g.add_argument("--final_norm", action=bool_flag, help="LayerNorm before the head (default on)")
+    g.add_argument("--final_norm", action=bool_flag, help="LayerNorm before the head (default on; weaktr off)")
     g.add_argument("--patch_size", type=int)
     g.add_argument("--embed_dim", type=int)
     g.add_argument("--depth", type=int)

@@ -14,6 +14,12 @@ rules turn them into a mask, for images with two or more labels (zero and one la
   probability so the most probable label wins overlaps, and the holes are filled (here with the exact nearest
   fill). Confidence = how far above its own mean the painted map is, relative to its maximum:
   ``(v - mean) / (max - mean)`` (0 for filled pixels).
+- ``"background"``: for datasets with a background class (VOC): the foreground labels' maps, normalised as for
+  ``"argmax"`` (WeakTr: min-max), compete per pixel with a constant plane of value ``background_threshold`` t,
+  which stands for the background class (WeakTr, ``weaktr.md`` section 3 step 7; ``datasets.md`` 4: t swept
+  0.3-0.6 on training ground truth). The background class is always in the label set and its own map is never
+  read, so an image with one foreground label is split into that label and background. Confidence = the margin
+  between the best and the second-best channel, the plane included. Every pixel is painted.
 
 A label whose map cannot be located gets no pixel and the reason ``<empty_reason>:<class>`` is appended: an
 all-zero map under ``"max"`` normalisation, a constant map under ``"minmax"`` and under ``"threshold"``. If no label gets a pixel, the most probable label fills the image
@@ -40,8 +46,10 @@ from weakseg.masks.result import (
     nearest_fill,
 )
 
-MaskRule = Literal["argmax", "threshold"]
-MASK_RULES: tuple[str, ...] = ("argmax", "threshold")
+MaskRule = Literal["argmax", "threshold", "background"]
+MASK_RULES: tuple[str, ...] = ("argmax", "threshold", "background")
+#: WeakTr v2's background threshold on VOC (``weaktr.md`` 3 step 7).
+DEFAULT_BACKGROUND_THRESHOLD = 0.43
 Normalization = Literal["max", "minmax"]
 NORMALIZATIONS: tuple[str, ...] = ("max", "minmax")
 
@@ -84,6 +92,8 @@ def class_maps_to_masks(
     normalize: Normalization = "max",
     multi_reason: str = "map_argmax",
     empty_reason: str = "empty_map",
+    background_index: int | None = None,
+    background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
 ) -> PseudomaskResult:
     """Pseudomasks from per-class maps by ``rule`` (module docstring).
 
@@ -96,6 +106,8 @@ def class_maps_to_masks(
         normalize: per-class normalisation of ``"argmax"`` (``"threshold"`` is scale-invariant).
         multi_reason: reason token of images with two or more labels.
         empty_reason: reason prefix of a label whose map is constant.
+        background_index, background_threshold: the background class and the plane's value t of
+            ``"background"`` (required there, unused otherwise).
 
     Returns:
         A :class:`PseudomaskResult` with (B, H, W) uint8 masks and confidence.
@@ -112,6 +124,12 @@ def class_maps_to_masks(
     device = maps.device
     probs = probs.detach().to(device, torch.float32)
     label_sets = label_sets.to(device)
+    if rule == "background":
+        if background_index is None or not 0 <= background_index < C:
+            raise ValueError(f"rule 'background' needs the background class index in [0, {C}), got "
+                             f"{background_index}")
+        label_sets = label_sets.clone()
+        label_sets[:, background_index] = True  # the plane stands for background in every image
     result, multi = label_set_rules(probs, label_sets, (H, W), multi_reason)
     if not multi:
         return result
@@ -120,6 +138,12 @@ def class_maps_to_masks(
     up = upsample_maps(maps[index].detach().float(), (H, W))  # (Bm, C, H, W)
     if rule == "argmax":
         painted, confidence, locatable = _argmax_rule(up, labels, normalize)
+    elif rule == "background":
+        assert background_index is not None
+        normed, locatable = normalize_maps(up, normalize)
+        normed[:, background_index] = float(background_threshold)
+        locatable[:, background_index] = True
+        painted, confidence, locatable = _argmax_rule(normed, labels, None, locatable)
     else:
         painted, confidence, locatable = _threshold_rule(up, labels, probs[index])
     has_paint = (painted >= 0).reshape(len(multi), -1).any(axis=1)  # (Bm,)
@@ -136,9 +160,16 @@ def class_maps_to_masks(
     return result
 
 
-def _argmax_rule(up: Tensor, labels: Tensor, normalize: Normalization) -> tuple[np.ndarray, np.ndarray, Tensor]:
-    """Painted labels (Bm, H, W) int16 (-1 = hole), confidence (Bm, H, W) float32, locatable (Bm, C)."""
-    normed, locatable = normalize_maps(up, normalize)  # (Bm, C, H, W), (Bm, C)
+def _argmax_rule(up: Tensor, labels: Tensor, normalize: Normalization | None,
+                 locatable: Tensor | None = None) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """Painted labels (Bm, H, W) int16 (-1 = hole), confidence (Bm, H, W) float32, locatable (Bm, C).
+
+    ``normalize`` None: ``up`` is already normalised and ``locatable`` given (the background rule)."""
+    if normalize is None:
+        assert locatable is not None
+        normed = up
+    else:
+        normed, locatable = normalize_maps(up, normalize)  # (Bm, C, H, W), (Bm, C)
     usable = labels & locatable  # (Bm, C)
     normed = normed.masked_fill(~usable[:, :, None, None], -1.0)  # non-labels and flat maps never win
     top = normed.topk(2, dim=1) if normed.shape[1] > 1 else None

@@ -5,6 +5,8 @@ contract (:mod:`weakseg.models.vit`) and share the mask rules of :mod:`weakseg.m
   kept heads, clusters given classes by a label-free rule (``--assign``; the paper's rank rule is one of them).
 - ``class_attention`` (:mod:`~weakseg.methods.class_attention`): class token c's attention is the map of class c
   (Hanna & Borth, ICCV 2025); needs a classifier trained with ``--arch class_tokens``.
+- ``weaktr`` (:mod:`~weakseg.methods.weaktr`): WeakTr's fine CAMs (Zhu et al., IEEE TIP); needs a classifier
+  trained with ``--arch weaktr``.
 - ``gradcam`` (:mod:`~weakseg.methods.gradcam`): Grad-CAM on the ViT (the baseline).
 - ``top_class`` (:mod:`~weakseg.methods.top_class`): the floor, every pixel = the top predicted class.
 
@@ -26,10 +28,11 @@ from weakseg.methods.base import ClassMapMethod, PseudomaskMethod
 from weakseg.methods.class_attention import ClassAttention, class_attention_maps
 from weakseg.methods.gradcam import GradCAM, gradcam_maps, gradcam_pseudomasks
 from weakseg.methods.top_class import TopClass, top_class_pseudomasks
+from weakseg.methods.weaktr import WeakTrCAM, weaktr_cams
 
 #: Every method, by its ``--method`` name.
 METHODS: dict[str, type[PseudomaskMethod]] = {
-    m.name: m for m in (AttentionClustering, ClassAttention, GradCAM, TopClass)
+    m.name: m for m in (AttentionClustering, ClassAttention, GradCAM, TopClass, WeakTrCAM)
 }
 
 
@@ -52,6 +55,7 @@ __all__ = [
     "GradCAM",
     "PseudomaskMethod",
     "TopClass",
+    "WeakTrCAM",
     "attention_pseudomasks",
     "class_attention_maps",
     "get_method",
@@ -60,4 +64,5 @@ __all__ = [
     "head_maps_from_model",
     "relabel_regions",
     "top_class_pseudomasks",
+    "weaktr_cams",
 ]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from weakseg.errors import ConfigError
 from weakseg.masks.result import PseudomaskResult
-from weakseg.masks.rules import MASK_RULES, NORMALIZATIONS, class_maps_to_masks
+from weakseg.masks.rules import DEFAULT_BACKGROUND_THRESHOLD, MASK_RULES, NORMALIZATIONS, class_maps_to_masks
 from weakseg.models.architectures import ARCHITECTURES, architecture_of
 from weakseg.models.vit import GatedViT
 
@@ -65,7 +65,17 @@ class PseudomaskMethod(ABC):
         if options is not None and kwargs:
             raise TypeError("pass either an Options instance or keyword options, not both")
         self.options = options if options is not None else self.Options(**kwargs)
+        #: The dataset's background class (VOC: 0), None for land cover; set by :meth:`bind_dataset`.
+        self.background_index: int | None = None
         self.validate_options()
+
+    def bind_dataset(self, class_names: list[str], background_index: int | None) -> None:
+        """Tell the method the classes of the data it will label (the pipeline calls this before the first batch).
+
+        Raises:
+            ConfigError: an option needs a background class the data does not have.
+        """
+        self.background_index = background_index
 
     def validate_options(self) -> None:
         """Raise :class:`ConfigError` for an option value outside its choices."""
@@ -110,13 +120,23 @@ class PseudomaskMethod(ABC):
         """
 
 
+#: ``--rule`` values of class-map methods: the mask rules plus ``auto`` (background if the data has one).
+RULE_CHOICES: tuple[str, ...] = (*MASK_RULES, "auto")
+
+
 @dataclasses.dataclass
 class ClassMapOptions:
     """Settings shared by methods that produce one map per class."""
 
     rule: str = option("argmax", "maps -> mask: argmax among the image's labels, or each label's map above its "
-                                 "own mean painted in ascending probability (TokenMasking-WSSS)", MASK_RULES)
+                                 "own mean painted in ascending probability (TokenMasking-WSSS), or background: "
+                                 "the labels' maps against a constant background plane --background_threshold "
+                                 "(datasets with a background class, WeakTr), or auto: background where the "
+                                 "data has a background class, else argmax", RULE_CHOICES)
     normalize: str = option("max", "per-class normalisation before the argmax: max, or minmax", NORMALIZATIONS)
+    background_threshold: float = option(DEFAULT_BACKGROUND_THRESHOLD,
+                                         "value t of the background plane of --rule background (WeakTr VOC: 0.43; "
+                                         "choose it on a holdout with --sweep_background)")
     scales: str = option("1", "multi-scale inference: comma list of input scales whose maps are summed, e.g. "
                               "1,1.5 (WeakTr: 1,1.2); each scale's input side is rounded to whole patches")
     flip: str = option("off", "add each scale's horizontally flipped view (its maps flipped back) to the sum",
@@ -174,20 +194,48 @@ class ClassMapMethod(PseudomaskMethod):
     def validate_options(self) -> None:
         super().validate_options()
         parse_scales(self.options.scales)
+        t = self.options.background_threshold
+        if not 0.0 < t < 1.0:
+            raise ConfigError(f"--background_threshold must be in (0, 1) (the normalised maps lie in [0, 1]), got {t}")
+
+    def bind_dataset(self, class_names: list[str], background_index: int | None) -> None:
+        super().bind_dataset(class_names, background_index)
+        if self.options.rule == "background" and background_index is None:
+            raise ConfigError(f"--rule background needs a dataset with a background class (such as --dataset voc); "
+                              f"the classes {class_names} have none: use --rule argmax")
+
+    def resolved_rule(self) -> str:
+        """The mask rule in effect: ``auto`` is ``background`` when the data has a background class, else argmax."""
+        rule = self.options.rule
+        if rule == "auto":
+            return "background" if self.background_index is not None else "argmax"
+        return rule
+
+    def merged_maps(self, model: GatedViT, images: Tensor, label_sets: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """The maps the mask rule reads: one view's (B, C, h, w), or with ``--scales``/``--flip`` the sum of every
+        view's maps upsampled to ``out_size``, (B, C, H, W)."""
+        scales, flip = parse_scales(self.options.scales), self.options.flip == "on"
+        if scales == [1.0] and not flip:
+            return self.class_maps(model, images, label_sets)  # (B, C, h, w): one view, as before
+        return multiscale_class_maps(self.class_maps, model, images, label_sets, scales, flip, out_size)
+
+    def masks_from_maps(self, maps: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int],
+                        background_threshold: float | None = None) -> PseudomaskResult:
+        """:func:`~weakseg.masks.rules.class_maps_to_masks` with this method's rule (``background_threshold``
+        overrides the option: the threshold sweep)."""
+        rule = self.resolved_rule()
+        reason = {"argmax": self.multi_reason, "threshold": "map_threshold", "background": "map_background"}[rule]
+        t = self.options.background_threshold if background_threshold is None else background_threshold
+        return class_maps_to_masks(
+            maps, probs, label_sets, out_size, rule=rule, normalize=self.options.normalize, multi_reason=reason,
+            empty_reason=self.empty_reason, background_index=self.background_index, background_threshold=t,
+        )
 
     def pseudomasks(
         self, model: GatedViT, images: Tensor, probs: Tensor, label_sets: Tensor, out_size: tuple[int, int]
     ) -> PseudomaskResult:
-        scales, flip = parse_scales(self.options.scales), self.options.flip == "on"
-        if scales == [1.0] and not flip:
-            maps = self.class_maps(model, images, label_sets)  # (B, C, h, w): one view, as before
-        else:
-            maps = multiscale_class_maps(self.class_maps, model, images, label_sets, scales, flip, out_size)
-        return class_maps_to_masks(
-            maps, probs, label_sets, out_size, rule=self.options.rule, normalize=self.options.normalize,
-            multi_reason=self.multi_reason if self.options.rule == "argmax" else "map_threshold",
-            empty_reason=self.empty_reason,
-        )
+        maps = self.merged_maps(model, images, label_sets, out_size)
+        return self.masks_from_maps(maps, probs, label_sets, out_size)
 
 
 def parse_blocks(spec: str, depth: int) -> list[int]:

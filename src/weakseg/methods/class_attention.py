@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from weakseg.errors import ConfigError
-from weakseg.masks.rules import MASK_RULES, NORMALIZATIONS
-from weakseg.methods.base import ClassMapMethod, ClassMapOptions, option, parse_blocks
+from weakseg.masks.rules import NORMALIZATIONS
+from weakseg.methods.base import RULE_CHOICES, ClassMapMethod, ClassMapOptions, option, parse_blocks
 from weakseg.models.vit import GatedViT
 
 HEAD_CHOICES = ("kept", "all")
@@ -57,7 +57,8 @@ class ClassAttentionOptions(ClassMapOptions):
                                       "(attention x value x gradient), or mean: attention alone (as released)",
                           COMBINE_CHOICES)
     rule: str = option("argmax", "maps -> mask: argmax among the image's labels, or each label's map above its "
-                                 "own mean painted in ascending probability (TokenMasking-WSSS)", MASK_RULES)
+                                 "own mean painted in ascending probability (TokenMasking-WSSS), or background / "
+                                 "auto (datasets with a background class)", RULE_CHOICES)
     normalize: str = option("max", "per-class normalisation before the argmax: max (for the gradient maps, whose "
                                    "floor is 0), or minmax (for attention alone, whose floor is above 0)",
                             NORMALIZATIONS)
@@ -130,7 +131,7 @@ class ClassAttention(ClassMapMethod):
 
     name = "class_attention"
     summary = "class token -> patch attention of the kept heads, all blocks (Hanna & Borth, ICCV 2025)"
-    architectures = ("class_tokens",)
+    architectures = ("class_tokens", "weaktr")
     trains = "class_tokens"
     needs_grad = True
     Options: ClassVar[type] = ClassAttentionOptions

@@ -20,6 +20,11 @@ and on the built-in data masking 0.5 lowered the holdout mIoU of class-attention
 over 3 seeds, pruned and unpruned; README "How the defaults were chosen"), so the per-class head trains without
 masking by default.
 ``--class_token_head flatten`` gives the released head with masking at 0.5; ``--token_mask_rate`` sets any rate.
+
+- ``weaktr``: WeakTr's phase-1 classifier (Zhu et al., IEEE TIP; ``weaktr.md``; :mod:`weakseg.models.weaktr`):
+  one class token per class, logit c = the mean of token c's channels, no final norm, plus a conv CAM head and
+  Adaptive Attention Fusion (``--aaf v2|v1|random``) trained by two more multi-label losses. ``--method weaktr``
+  reads its fine CAMs; class attention and Grad-CAM read it too (it has class tokens).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class Architecture:
         head_type: default :attr:`~weakseg.models.vit.ViTConfig.head_type`.
         num_register_tokens: default register tokens.
         token_mask_rate: default probability of masking an absent class's token output in training.
+        final_norm: default of the LayerNorm before the heads.
+        aaf: default WeakTr AAF variant (None: no WeakTr heads).
+        head_types: the heads ``--class_token_head`` may choose (the first is the default).
     """
 
     name: str
@@ -49,6 +57,9 @@ class Architecture:
     head_type: str
     num_register_tokens: int
     token_mask_rate: dict[str, float]
+    final_norm: bool = True
+    aaf: str | None = None
+    head_types: tuple[str, ...] = ()
 
     def default_token_mask_rate(self, head_type: str | None = None) -> float:
         """The masking rate this architecture trains with for ``head_type`` (default: its own head)."""
@@ -63,11 +74,17 @@ class Architecture:
             raise ConfigError(
                 f"--class_token_head {head} needs --arch class_tokens (--arch {self.name} has one CLS token)"
             )
-        return {
+        if head_type is not None and self.head_types and head not in self.head_types:
+            raise ConfigError(f"--class_token_head {head} is not a head of --arch {self.name}; choose from "
+                              f"{list(self.head_types)}")
+        fields: dict[str, Any] = {
             "num_cls_tokens": num_classes if self.class_tokens else 1,
             "head_type": head,
             "num_register_tokens": self.num_register_tokens if num_register_tokens is None else num_register_tokens,
         }
+        if self.aaf is not None:
+            fields["aaf"] = self.aaf
+        return fields
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -81,7 +98,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         summary="one class token per class + 1 register, logit c from token c; class-specific token masking "
                 "optional (Hanna & Borth, ICCV 2025)",
         class_tokens=True, head_type="per_class", num_register_tokens=1,
-        token_mask_rate={"per_class": 0.0, "flatten": 0.5},
+        token_mask_rate={"per_class": 0.0, "flatten": 0.5}, head_types=("per_class", "flatten"),
+    ),
+    "weaktr": Architecture(
+        name="weaktr",
+        summary="C class tokens, conv CAM head and Adaptive Attention Fusion, three multi-label losses "
+                "(WeakTr, Zhu et al., IEEE TIP)",
+        class_tokens=True, head_type="mean", num_register_tokens=0, token_mask_rate={},
+        final_norm=False, aaf="v2", head_types=("mean", "per_class"),
     ),
 }
 
@@ -95,4 +119,6 @@ def get_architecture(name: str) -> Architecture:
 
 def architecture_of(model_config: Any) -> str:
     """The architecture name a :class:`~weakseg.models.vit.ViTConfig` corresponds to."""
+    if getattr(model_config, "aaf", None) is not None:
+        return "weaktr"
     return "class_tokens" if model_config.has_class_tokens else "vit"

@@ -38,8 +38,11 @@ from weakseg.models.hard_concrete import HardConcreteGate, l0_penalty
 
 AttentionImpl = Literal["fused", "explicit"]
 #: How class-token outputs become logits (see :class:`ViTConfig`).
-HeadType = Literal["pooled", "per_class", "flatten"]
-HEAD_TYPES: tuple[str, ...] = ("pooled", "per_class", "flatten")
+HeadType = Literal["pooled", "per_class", "flatten", "mean"]
+HEAD_TYPES: tuple[str, ...] = ("pooled", "per_class", "flatten", "mean")
+#: Adaptive Attention Fusion variants of WeakTr (:mod:`weakseg.models.weaktr`); None = no WeakTr heads.
+AAF_VARIANTS: tuple[str, ...] = ("v2", "v1", "random")
+CAM_FUSIONS: tuple[str, ...] = ("fused", "coarse", "attention")
 
 
 @dataclass
@@ -64,11 +67,19 @@ class ViTConfig:
             token c is *the* evidence for class c and its attention is a map of class c (weakseg's default for
             class tokens). ``"flatten"``: ``Linear(T * D, C)`` of all outputs concatenated, as released with
             TokenMasking-WSSS (Hanna & Borth, ICCV 2025): every logit sees every token, and only the random
-            masking of absent classes' tokens ties token c to class c.
+            masking of absent classes' tokens ties token c to class c. ``"mean"``: ``logit_c = mean_d z_c[d]``, no
+            weights (WeakTr's class-token logits, Zhu et al., IEEE TIP, ``weaktr.md`` 1).
         final_norm: apply the final LayerNorm before the head (timm, DeiT; TokenMasking-WSSS builds it but skips it).
         gated: put a Hard Concrete gate on every head.
         gate_temperature, gate_stretch: Hard Concrete parameters (paper: 0.33 and (-0.1, 1.1)).
         gate_init: initial log alpha of every gate; None = Xavier-uniform as the paper.
+        aaf: WeakTr's heads (a conv CAM head and Adaptive Attention Fusion, :class:`weakseg.models.weaktr.WeakTrViT`)
+            with this AAF variant: ``"v2"`` (the current release), ``"v1"`` (SE on pooled maps), ``"random"``
+            (SE on a fixed random vector); None = no WeakTr heads.
+        aaf_reduction: SE reduction of AAF (None: 8 for v2 and random, 4 for v1, as released).
+        aaf_pool: token pooling of AAF v2's per-map features, ``"max"`` (the VOC recipe) or ``"avg"``.
+        cam_fusion: WeakTr's CAM before patch-attention refinement: ``"fused"`` (fused class attention times the
+            coarse CAM, the default), ``"coarse"`` or ``"attention"``.
     """
 
     img_size: tuple[int, int] = (64, 64)
@@ -90,6 +101,10 @@ class ViTConfig:
     gate_temperature: float = 0.33
     gate_stretch: tuple[float, float] = field(default=(-0.1, 1.1))
     gate_init: float | None = None
+    aaf: str | None = None
+    aaf_reduction: int | None = None
+    aaf_pool: str = "max"
+    cam_fusion: str = "fused"
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -122,6 +137,17 @@ class ViTConfig:
                 f"head_type {self.head_type!r} needs one class token per class: num_cls_tokens "
                 f"{self.num_cls_tokens} != num_classes {self.num_classes}"
             )
+        if self.aaf is not None:
+            if self.aaf not in AAF_VARIANTS:
+                raise ConfigError(f"aaf must be one of {list(AAF_VARIANTS)}, got {self.aaf!r} (--aaf)")
+            if self.num_cls_tokens != self.num_classes:
+                raise ConfigError("WeakTr's heads (aaf) need one class token per class")
+            if self.aaf_pool not in ("max", "avg"):
+                raise ConfigError(f"aaf_pool must be 'max' or 'avg', got {self.aaf_pool!r} (--aaf_pool)")
+            if self.cam_fusion not in CAM_FUSIONS:
+                raise ConfigError(f"cam_fusion must be one of {list(CAM_FUSIONS)}, got {self.cam_fusion!r}")
+            if self.aaf_reduction is not None and self.aaf_reduction < 1:
+                raise ConfigError(f"aaf_reduction must be at least 1, got {self.aaf_reduction} (--aaf_reduction)")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -231,11 +257,13 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, return_attention: bool = False, gated_map: bool = True
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns the block's output, the attention map (with ``return_attention``) and the attention branch's
+        output ``proj(A V)`` before the residual (B, N, D), which WeakTr's AAF reads."""
         y, attn = self.attn(self.norm1(x), return_attention, gated_map)
         x = x + y
         x = x + self.mlp(self.norm2(x))
-        return x, attn
+        return x, attn, y
 
 
 @dataclass
@@ -250,6 +278,8 @@ class BackboneOutput:
             with N = P + h*w; rows are queries. Pruned heads (eval mode) are all zero.
         num_prefix_tokens: P.
         num_class_tokens: T, the first T prefix tokens (1 for a CLS token, C for class tokens).
+        attention_outputs: block index -> the attention branch's output ``proj(A V)`` before the residual,
+            (B, N, D), for the blocks of ``attentions`` when asked for (``forward_features(attention_outputs=True)``).
     """
 
     prefix: Tensor
@@ -258,6 +288,7 @@ class BackboneOutput:
     attentions: dict[int, Tensor]
     num_prefix_tokens: int
     num_class_tokens: int = 1
+    attention_outputs: dict[int, Tensor] = field(default_factory=dict)
 
     def patch_grid(self) -> Tensor:
         """Patch tokens as a feature map, (B, D, h, w) (ViT-PCM and segmentation heads)."""
@@ -317,7 +348,8 @@ class GatedViT(nn.Module):
         self.norm: nn.Module = nn.LayerNorm(D, eps=1e-6) if cfg.final_norm else nn.Identity()
         # "pooled" and "per_class" both hold one weight row per class, (C, D); "flatten" sees all T tokens.
         head_in = D * cfg.num_cls_tokens if cfg.head_type == "flatten" else D
-        self.head = nn.Linear(head_in, cfg.num_classes)
+        # "mean" (WeakTr) has no weights: logit c is the mean of class token c's channels.
+        self.head: nn.Module = nn.Identity() if cfg.head_type == "mean" else nn.Linear(head_in, cfg.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -417,7 +449,8 @@ class GatedViT(nn.Module):
         return torch.cat([*prefix, tokens], dim=1) + pos
 
     def forward_features(
-        self, x: Tensor, attention_blocks: Iterable[int] | None = None, gated_maps: bool = True
+        self, x: Tensor, attention_blocks: Iterable[int] | None = None, gated_maps: bool = True,
+        attention_outputs: bool = False,
     ) -> BackboneOutput:
         """Run the backbone.
 
@@ -428,18 +461,22 @@ class GatedViT(nn.Module):
             gated_maps: return the maps times the head gates (pruned heads all zero; the contract), or, with
                 False, before the gates (what TokenMasking-WSSS's released code averaged; its defect 2). The
                 forward pass is gated either way.
+            attention_outputs: also return those blocks' attention-branch outputs ``proj(A V)`` (WeakTr's AAF).
         """
         wanted = {i % self.cfg.depth for i in (attention_blocks or ())}
         tokens = self.embed(x)
         attentions: dict[int, Tensor] = {}
+        branch: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            tokens, attn = blk(tokens, return_attention=i in wanted, gated_map=gated_maps)
+            tokens, attn, y = blk(tokens, return_attention=i in wanted, gated_map=gated_maps)
             if attn is not None:
                 attentions[i] = attn
+                if attention_outputs:
+                    branch[i] = y
         tokens = self.norm(tokens)
         P = self.num_prefix_tokens
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)  # the input's own grid
-        return BackboneOutput(tokens[:, :P], tokens[:, P:], grid, attentions, P, self.cfg.num_cls_tokens)
+        return BackboneOutput(tokens[:, :P], tokens[:, P:], grid, attentions, P, self.cfg.num_cls_tokens, branch)
 
     def forward_head(
         self, out: BackboneOutput, pre_logits: bool = False, drop_class_tokens: Tensor | None = None
@@ -463,6 +500,8 @@ class GatedViT(nn.Module):
             return pooled if pre_logits else self.head(pooled)
         if pre_logits:
             return tokens
+        if head_type == "mean":
+            return tokens.mean(dim=-1)  # (B, C): WeakTr's class-token logits
         if head_type == "per_class":
             return (tokens * self.head.weight).sum(dim=-1) + self.head.bias  # (B, C): token c -> logit c
         return self.head(tokens.flatten(1))  # (B, T*D) -> (B, C)
@@ -470,6 +509,15 @@ class GatedViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Multi-label logits (B, num_classes); apply a sigmoid for probabilities."""
         return self.forward_head(self.forward_features(x))
+
+    # ---- extra training terms of an architecture (WeakTr overrides) ----------------------------------
+    def auxiliary_blocks(self) -> list[int]:
+        """Blocks whose attention maps and branch outputs :meth:`auxiliary_logits` reads in training (none)."""
+        return []
+
+    def auxiliary_logits(self, out: BackboneOutput) -> dict[str, Tensor]:
+        """Extra (B, C) logits trained with the same multi-label loss as the head's, by name (none here)."""
+        return {}
 
     # ---- gates ---------------------------------------------------------------------------------------
     def head_mask(self) -> Tensor:

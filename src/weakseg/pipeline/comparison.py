@@ -80,7 +80,11 @@ CLASSIFIERS: tuple[ClassifierSpec, ...] = (
     ClassifierSpec("vit_unpruned", "ViT (1 CLS), unpruned", "vit", False),
     ClassifierSpec("class_tokens_pruned", "class tokens, pruned", "class_tokens", True),
     ClassifierSpec("class_tokens_unpruned", "class tokens, unpruned", "class_tokens", False),
+    ClassifierSpec("weaktr_pruned", "WeakTr, pruned", "weaktr", True),
+    ClassifierSpec("weaktr_unpruned", "WeakTr, unpruned", "weaktr", False),
 )
+#: The classifiers ``weakseg demo`` trains (``benchmarks/quality.py`` trains every one of :data:`CLASSIFIERS`).
+DEMO_CLASSIFIERS: tuple[str, ...] = ("vit_pruned", "vit_unpruned", "class_tokens_pruned", "class_tokens_unpruned")
 METHODS_BY_ARCH: dict[str, tuple[MethodSpec, ...]] = {
     "vit": (
         MethodSpec("top_class", "top-class floor", "top_class", floor=True),
@@ -94,6 +98,15 @@ METHODS_BY_ARCH: dict[str, tuple[MethodSpec, ...]] = {
         MethodSpec("class_attention_released", "class attention as released (mean, threshold)", "class_attention",
                    (("combine", "mean"), ("heads", "all"), ("rule", "threshold"))),
         MethodSpec("class_attention", "class attention (default)", "class_attention"),
+    ),
+    "weaktr": (
+        MethodSpec("top_class", "top-class floor", "top_class", floor=True),
+        MethodSpec("gradcam", "Grad-CAM", "gradcam"),
+        MethodSpec("class_attention", "class attention (default)", "class_attention"),
+        MethodSpec("weaktr_released", "WeakTr fine CAM as released (1, 1.2 + flip)", "weaktr",
+                   (("cam", "fine"),)),
+        MethodSpec("weaktr_fused", "WeakTr fused CAM (no patch refinement)", "weaktr", (("cam", "fused"),)),
+        MethodSpec("weaktr_coarse", "WeakTr coarse CAM (conv head)", "weaktr", (("cam", "coarse"),)),
     ),
 }
 
@@ -113,6 +126,8 @@ class ComparisonConfig:
         classifiers: names from :data:`CLASSIFIERS` to train.
         train_overrides: extra :class:`~weakseg.pipeline.train.TrainConfig` settings for every classifier.
         refine_overrides: extra :class:`~weakseg.pipeline.refine.RefineConfig` settings.
+        refine_best_of: architectures whose own best pipeline (on the holdout) is refined too, beside the best
+            pipeline overall (``benchmarks/quality.py``: WeakTr's refined masks are reported whichever wins).
     """
 
     datadir: str
@@ -122,12 +137,13 @@ class ComparisonConfig:
     unet_epochs: int = 30
     iterations: int = 1
     supervised: bool = True
-    classifiers: tuple[str, ...] = tuple(c.name for c in CLASSIFIERS)
+    classifiers: tuple[str, ...] = DEMO_CLASSIFIERS
     train_overrides: dict[str, Any] = field(default_factory=dict)
     refine_overrides: dict[str, Any] = field(default_factory=dict)
+    refine_best_of: tuple[str, ...] = ()
 
 
-STAGE_DIRS = ("classifiers", "pseudomasks", "refine", "supervised")
+STAGE_DIRS = ("classifiers", "pseudomasks", "refine", "supervised", "refine_weaktr")
 
 
 def _scores(folder: Path, split: str, datadir: str) -> dict[str, Any]:
@@ -212,33 +228,51 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
     step(f"best pipeline on the holdout: {best_pipeline['label']} (holdout mIoU "
          f"{100 * best_pipeline['holdout_miou']:.1f})")
 
-    ckpt_data = _data_settings(Path(runs[chosen["classifier"]]["best_checkpoint"]))
-    common = {**dict(datadir=cfg.datadir, split=TRAIN_PART, eval_split=TEST_SPLIT, epochs=cfg.unet_epochs,
-                     seed=cfg.seed, figures=False, **ckpt_data), **cfg.refine_overrides}
-    refined = None
-    if cfg.iterations > 0:
-        step(f"UNet refinement of the best pipeline's masks ({cfg.iterations} iteration(s), {cfg.unet_epochs} "
-             "epochs each)")
-        refined = refine(RefineConfig(pseudomasks=chosen["masks"], output_dir=str(out / "refine"),
-                                      iterations=cfg.iterations, **common), verbose=False)
+    def common_settings(row: dict[str, Any]) -> dict[str, Any]:
+        ckpt_data = _data_settings(Path(runs[row["classifier"]]["best_checkpoint"]))
+        return {**dict(datadir=cfg.datadir, split=TRAIN_PART, eval_split=TEST_SPLIT, epochs=cfg.unet_epochs,
+                       seed=cfg.seed, figures=False, **ckpt_data), **cfg.refine_overrides}
+
+    def refine_rows(row: dict[str, Any], folder: str, prefix: str, label: str) -> tuple[dict[str, Any], list]:
+        refined = refine(RefineConfig(pseudomasks=row["masks"], output_dir=str(out / folder),
+                                      iterations=cfg.iterations, **common_settings(row)), verbose=False)
+        new_rows = []
         for it in refined["iterations"][1:]:
             step(f"  iteration {it['iteration']}: train tiles mIoU {100 * it['train_scores']['miou']:.1f}, test mIoU "
                  f"{100 * it['eval_scores']['miou']:.1f} ({100 * (it.get('ignored_fraction') or 0):.0f}% of the "
                  "target pixels ignored)")
-            rows.append({
-                "classifier": chosen["classifier"], "classifier_label": chosen["classifier_label"],
-                "method": f"refined_{it['iteration']}", "label": f"refined, iteration {it['iteration']}",
+            new_rows.append({
+                "classifier": row["classifier"], "classifier_label": row["classifier_label"],
+                "method": f"{prefix}_{it['iteration']}", "label": f"{label}, iteration {it['iteration']}",
                 "floor": False, "masks": it["masks"], "train": it.get("train_scores"), "holdout": None,
                 "test": it.get("eval_scores"), "test_unet_alone": it.get("eval_unet_alone_scores"),
-                "ignored_fraction": it.get("ignored_fraction"),
-                "checkpoint_score": chosen["checkpoint_score"], "checkpoint_metric": chosen["checkpoint_metric"],
-                "epoch": chosen["epoch"], "pruned": chosen["pruned"],
+                "ignored_fraction": it.get("ignored_fraction"), "refines": row["method"],
+                "refines_label": row["label"],
+                "checkpoint_score": row["checkpoint_score"], "checkpoint_metric": row["checkpoint_metric"],
+                "epoch": row["epoch"], "pruned": row["pruned"],
             })
+        return refined, new_rows
+
+    refined = None
+    if cfg.iterations > 0:
+        step(f"UNet refinement of the best pipeline's masks ({cfg.iterations} iteration(s), {cfg.unet_epochs} "
+             "epochs each)")
+        refined, new_rows = refine_rows(chosen, "refine", "refined", "refined")
+        rows += new_rows
+        arch_of = {c.name: c.arch for c in CLASSIFIERS}
+        for family in cfg.refine_best_of:  # e.g. WeakTr's own best pipeline, when it is not the best overall
+            family_rows = [r for r in candidates if arch_of[r["classifier"]] == family]
+            if not family_rows:
+                continue
+            pick = max(family_rows, key=lambda r: r["holdout"]["miou"])
+            step(f"UNet refinement of the best {family} pipeline: {pick['classifier_label']} + {pick['label']} "
+                 f"(holdout mIoU {100 * pick['holdout']['miou']:.1f})")
+            rows += refine_rows(pick, f"refine_{family}", f"refined_{family}", f"refined ({family} pipeline)")[1]
     supervised = None
     if cfg.supervised:
         step(f"supervised UNet on the ground truth ({cfg.unet_epochs} epochs): the upper bound")
         supervised = refine(RefineConfig(pseudomasks=None, output_dir=str(out / "supervised"), supervised=True,
-                                         iterations=1, **common), verbose=False)["supervised"]
+                                         iterations=1, **common_settings(chosen)), verbose=False)["supervised"]
         rows.append({"classifier": "", "classifier_label": "", "method": "supervised",
                      "label": "supervised UNet (upper bound)", "floor": False, "masks": supervised["masks"],
                      "train": supervised.get("train_scores"), "holdout": None,

@@ -573,6 +573,36 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
         )
 
 
+def open_method_run(checkpoint: Path, datadir: Path, split: str, method: str,
+                    method_options: dict[str, Any] | None, dataset: str | None, oracle: bool
+                    ) -> tuple[PseudomaskMethod, ClassificationTask, Any, str]:
+    """The method, the classifier and the split's reader of a pseudomask run, checked against each other.
+
+    The reader sees each tile as the classifier was trained to (``data_config`` of the checkpoint; the whole tile
+    resized to the input size); the method is told the data's classes (its background class, if any).
+
+    Returns:
+        (method, classifier task, reader, dataset kind).
+    """
+    runner = get_method(method, **(method_options or {}))
+    task = load_classifier(checkpoint)
+    runner.check_model(task.model, checkpoint)
+    warn_before_pseudomasks(task, runner, checkpoint)
+    data_cfg = dict(task.hparams.get("data_config") or {})
+    kind = dataset or data_cfg.get("dataset", "dfc2020")
+    modality = data_cfg.get("modality", "s2")
+    if method == "attention" and not task.model_config.gated:
+        log.info("checkpoint has no gates: clustering all heads (the 'attention without pruning' baseline)")
+    reader = open_dataset(kind, datadir, split, modality=modality,
+                          transform=build_transform("predict", task.model_config.img_size, data_cfg),
+                          label_threshold=data_cfg.get("label_threshold", 0.10))
+    if oracle and kind == "folder" and getattr(reader, "_csv_labels", None) is None and not reader.has_masks:
+        raise ConfigError("--oracle needs ground-truth image labels")
+    runner.bind_dataset(list(reader.class_names), getattr(reader, "background_index", None))
+    check_checkpoint_matches_data(task, reader, checkpoint)
+    return runner, task, reader, kind
+
+
 def check_run_settings(threshold: float, batch_size: int, num_workers: int, num_devices: int,
                        figure_tiles: int = DEFAULT_FIGURE_TILES) -> None:
     """Range checks of the run's settings, before anything is read or written (ConfigError naming the flag)."""
@@ -624,23 +654,9 @@ def generate_pseudomasks(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if crf is not None:
         require_crf()  # before anything is read or written: a missing extra is a start-up error
-    runner = get_method(method, **(method_options or {}))
-    task = load_classifier(checkpoint)
-    runner.check_model(task.model, checkpoint)
-    warn_before_pseudomasks(task, runner, checkpoint)
-    data_cfg = dict(task.hparams.get("data_config") or {})
-    kind = dataset or data_cfg.get("dataset", "dfc2020")
-    modality = data_cfg.get("modality", "s2")
-    if method == "attention" and not task.model_config.gated:
-        log.info("checkpoint has no gates: clustering all heads (the 'attention without pruning' baseline)")
+    runner, task, reader, kind = open_method_run(checkpoint, datadir, split, method, method_options, dataset, oracle)
     img_size = task.model_config.img_size
-    reader = open_dataset(kind, datadir, split, modality=modality,
-                          transform=build_transform("predict", img_size, data_cfg),
-                          label_threshold=data_cfg.get("label_threshold", 0.10))
-    if oracle and kind == "folder" and getattr(reader, "_csv_labels", None) is None and not reader.has_masks:
-        raise ConfigError("--oracle needs ground-truth image labels")
     check_output_location(out_dir, datadir, reader)
-    check_checkpoint_matches_data(task, reader, checkpoint)
     job = PseudomaskJob(str(checkpoint.resolve()), file_sha256(checkpoint), method, oracle, relabel, kind,
                         str(Path(datadir).resolve()), split, threshold, runner.options_dict(),
                         asdict(crf) if crf is not None else None)

@@ -112,11 +112,15 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
     current = None
     for r in rows:
         method = r["method"]
-        group = "refined" if method.startswith("refined") else method if method == "supervised" else r["classifier"]
+        group = ("refined" if method.startswith("refined_") and r.get("refines", best["method"]) == best["method"]
+                 and r["classifier"] == best["classifier"] else f"refined:{r['classifier']}:{r.get('refines')}"
+                 if method.startswith("refined") else method if method == "supervised" else r["classifier"])
         if group != current:
             current = group
             if group == "refined":
                 titles[len(body)] = f"refined with a UNet: {best['label']}"
+            elif group.startswith("refined:"):
+                titles[len(body)] = f"refined with a UNet: {r['classifier_label']} + {r.get('refines_label')}"
             elif group == "supervised":
                 titles[len(body)] = "trained on the ground truth"
             else:

@@ -74,7 +74,9 @@ class TrainConfig:
 
     ``train_split`` / ``val_split`` None take :data:`DEFAULT_SPLITS` of the dataset kind (the training split
     without and with only its holdout). ``num_register_tokens``, ``class_token_head`` and ``token_mask_rate``
-    None take the architecture's defaults (:mod:`weakseg.models.architectures`).
+    None take the architecture's defaults (:mod:`weakseg.models.architectures`), and so does ``final_norm``
+    None (on, except for ``weaktr``, whose heads read the tokens before the final norm). ``aaf``,
+    ``aaf_reduction``, ``aaf_pool`` and ``cam_fusion`` configure ``--arch weaktr`` (:mod:`weakseg.models.weaktr`).
 
     Pruning (with ``prune``): ``target_pruned_fraction`` (ours) prunes that fraction of the heads, reached over the
     first ``target_warmup`` of the run; None uses the paper's ``pr_rate * L0`` instead (``pr_rate`` None = 0.2),
@@ -99,7 +101,11 @@ class TrainConfig:
     qkv_bias: bool = True
     num_register_tokens: int | None = None
     class_token_head: str | None = None
-    final_norm: bool = True
+    final_norm: bool | None = None
+    aaf: str = "v2"
+    aaf_reduction: int | None = None
+    aaf_pool: str = "max"
+    cam_fusion: str = "fused"
     token_mask_rate: float | None = None
     diversity_weight: float = 0.0
     prune: bool = False
@@ -255,7 +261,11 @@ TRAIN_CHECKS: dict[str, Check | list[Check]] = {
     "num_heads": at_least(1),
     "mlp_ratio": positive(),
     "num_register_tokens": at_least(0),
-    "class_token_head": one_of(["per_class", "flatten"]),
+    "class_token_head": one_of(["per_class", "flatten", "mean"]),
+    "aaf": one_of(["v2", "v1", "random"]),
+    "aaf_reduction": at_least(1),
+    "aaf_pool": one_of(["max", "avg"]),
+    "cam_fusion": one_of(["fused", "coarse", "attention"]),
     "token_mask_rate": between(0, 1),
     "diversity_weight": at_least(0),
     "target_pruned_fraction": target_fraction_check,
@@ -376,8 +386,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = read_checkpoint(ckpt_path, "--resume", mmap=True)  # mapped, not read: only its progress is needed
         resume_from = {"epoch": ckpt.get("epoch", -1), "global_step": ckpt.get("global_step", 0)}
         del ckpt
-    datadir = ensure_data(cfg)
     arch = get_architecture(cfg.arch)
+    weaktr_only = {k: v for k, v in (("aaf", cfg.aaf != "v2"), ("aaf_reduction", cfg.aaf_reduction is not None),
+                                     ("aaf_pool", cfg.aaf_pool != "max"), ("cam_fusion", cfg.cam_fusion != "fused"))
+                   if v}
+    if weaktr_only and arch.aaf is None:
+        raise ConfigError(f"--{' / --'.join(weaktr_only)} configure WeakTr's heads and need --arch weaktr "
+                          f"(--arch is {cfg.arch})")
+    datadir = ensure_data(cfg)
     train_split, val_split = resolve_splits(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     modality = "s1s2" if cfg.multimodal else "s2"
@@ -401,12 +417,16 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             )
     in_chans = int(reader.read_image(0).shape[0])
     num_classes = len(reader.class_names)
+    arch_fields = arch.model_fields(num_classes, cfg.class_token_head, cfg.num_register_tokens)
+    if arch.aaf is not None:  # WeakTr's heads (models/weaktr.py)
+        arch_fields.update(aaf=cfg.aaf, aaf_reduction=cfg.aaf_reduction, aaf_pool=cfg.aaf_pool,
+                           cam_fusion=cfg.cam_fusion)
     model_cfg = ViTConfig(
         img_size=tuple(cfg.imgsize), patch_size=cfg.patch_size, in_chans=in_chans,
         s1_chans=2 if cfg.multimodal else 0, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, num_classes=num_classes,
-        final_norm=cfg.final_norm, gated=cfg.prune, gate_init=cfg.gate_init,
-        **arch.model_fields(num_classes, cfg.class_token_head, cfg.num_register_tokens),
+        final_norm=arch.final_norm if cfg.final_norm is None else cfg.final_norm, gated=cfg.prune,
+        gate_init=cfg.gate_init, **arch_fields,
     )
     token_mask_rate = (arch.default_token_mask_rate(cfg.class_token_head) if cfg.token_mask_rate is None
                        else cfg.token_mask_rate)

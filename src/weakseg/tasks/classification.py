@@ -22,6 +22,13 @@ sections 1-2) two terms are added:
   class tokens' attention maps to the patches (mean over heads, summed over blocks, gated), L2-normalised per
   class; the loss is ``sqrt(sum((G - I)^2) + 1e-10)`` of their cosine Gram matrix ``G``, averaged over the batch.
   It pushes the C maps apart.
+
+An architecture may add logits of its own (:meth:`weakseg.models.vit.GatedViT.auxiliary_logits`), each trained
+with the same multi-label loss and weight 1: WeakTr's coarse and fine CAM logits (``--arch weaktr``; Zhu et al.,
+IEEE TIP, ``weaktr.md`` 2: ``L = MLSM(y_cls) + MLSM(y_coarse) + MLSM(y_fine)``; the multi-label soft-margin loss
+is the mean BCE-with-logits). Their gradient routing is the model's (:mod:`weakseg.models.weaktr`). The logged
+``train_bce``/``val_loss`` and every metric are those of the head's logits, so checkpoints compare across
+architectures.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from weakseg.errors import ConfigError
 from weakseg.models.architectures import architecture_of
 from weakseg.models.pretrained import load_pretrained
 from weakseg.models.hard_concrete import close_lowest_heads, heads_to_close, ramped_target
-from weakseg.models.vit import BackboneOutput, GatedViT, ViTConfig
+from weakseg.models.vit import BackboneOutput, ViTConfig
+from weakseg.models.weaktr import build_classifier
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 
@@ -123,7 +131,7 @@ class ClassificationTask(L.LightningModule):
             raise ConfigError(
                 "--token_mask_rate and --diversity_weight need one class token per class (--arch class_tokens)"
             )
-        self.model = GatedViT(self.model_config)
+        self.model = build_classifier(self.model_config)
         self._tie_seed = int(torch.initial_seed()) % 2**62  # the --seed of the run (seed_everything), for ties
         if pretrained:
             load_pretrained(self.model, Path(pretrained))
@@ -192,20 +200,29 @@ class ClassificationTask(L.LightningModule):
             lam *= min(1.0, self.global_step / warm)
         return lam
 
-    def _step(self, batch: dict[str, Any], train: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Logits, BCE, targets and (training with ``diversity_weight``) the diversity loss."""
+    def _step(self, batch: dict[str, Any], train: bool = False
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        """Logits, BCE, targets, (training with ``diversity_weight``) the diversity loss, and the BCE of each of
+        the architecture's auxiliary logits."""
         target = batch["label"]  # (B, C)
         diversity = self.hparams.diversity_weight > 0 and train
-        out = self.model.forward_features(batch["image"], attention_blocks=range(self.model_config.depth) if diversity else None)
+        blocks = set(self.model.auxiliary_blocks()) | (set(range(self.model_config.depth)) if diversity else set())
+        out = self.model.forward_features(batch["image"], attention_blocks=sorted(blocks),
+                                          attention_outputs=bool(self.model.auxiliary_blocks()))
         drop = absent_token_mask(target, float(self.hparams.token_mask_rate)) if train else None
         logits = self.model.forward_head(out, drop_class_tokens=drop)  # (B, C)
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        return logits, bce, target, class_map_diversity(out) if diversity else None
+        auxiliary = {name: F.binary_cross_entropy_with_logits(aux, target)
+                     for name, aux in self.model.auxiliary_logits(out).items()}
+        return logits, bce, target, class_map_diversity(out) if diversity else None, auxiliary
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits, bce, target, diversity = self._step(batch, train=True)
+        logits, bce, target, diversity, auxiliary = self._step(batch, train=True)
         loss = bce
         B = target.shape[0]
+        for name, value in auxiliary.items():  # WeakTr: coarse and fine CAM losses, weight 1 each
+            loss = loss + value
+            self.log(f"train_{name}_bce", value, batch_size=B)
         if self.uses_target:  # no penalty: the heads are closed by rank after the optimiser step
             if self._trainer is not None:
                 self.log("train_target_pruned", self.current_target(), batch_size=B)
@@ -247,8 +264,10 @@ class ClassificationTask(L.LightningModule):
         self._log_pruning()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits, bce, target, _ = self._step(batch)
+        logits, bce, target, _, auxiliary = self._step(batch)
         self.log("val_loss", bce, prog_bar=True, batch_size=target.shape[0], sync_dist=True)
+        for name, value in auxiliary.items():
+            self.log(f"val_{name}_bce", value, batch_size=target.shape[0], sync_dist=True)
         self.val_metrics.update(torch.sigmoid(logits), target.int())
 
     def on_validation_epoch_end(self) -> None:
