@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from weakseg.cli import main
-from weakseg.pipeline.comparison import CLASSIFIERS, METHODS_BY_ARCH
+from weakseg.pipeline.comparison import CLASSIFIERS, DEMO_CLASSIFIERS, METHODS_BY_ARCH
 
 FIGURES = ("pseudomasks.png", "class_attention.png", "attention_heads.png", "gates_vit_pruned.png",
            "gates_class_tokens_pruned.png")
@@ -16,7 +16,7 @@ def check_outputs(out, iterations):
     results = json.loads((out / "results.json").read_text())
     table = results["table"]
     # Every classifier has its group, and every method it can run has a row in that group.
-    for spec in CLASSIFIERS:
+    for spec in (c for c in CLASSIFIERS if c.name in DEMO_CLASSIFIERS):
         assert spec.label in table, spec.label
         rows = {r["method"] for r in results["rows"] if r["classifier"] == spec.name}
         assert rows >= {m.key for m in METHODS_BY_ARCH[spec.arch]}, spec.name

@@ -39,6 +39,13 @@ def test_weaktr_train_pseudomasks_evaluate(tiny_dfc: Path, tmp_path: Path, modal
     assert run_json["method_options"]["scales"] == "1,1.2" and run_json["method_options"]["flip"] == "on"
     assert main(["evaluate", "--datadir", str(tiny_dfc), "--split", "validation:holdout", "--predictions",
                  str(masks)]) == 0
+    refined = tmp_path / "refine"  # WeakTr's phase 2: Segmenter with the gradient-clipping loss
+    assert main(["refine", "--datadir", str(tiny_dfc), "--pseudomasks", str(masks), "--split", "validation:holdout",
+                 "--eval_split", "test", "--model_checkpoint", str(ckpt), "--model", "segmenter", "--loss", "clip",
+                 "--embed_dim", "24", "--depth", "1", "--num_heads", "4", "--epochs", "1", "--output", str(refined),
+                 "--no-figures"]) == 0
+    summary = json.loads((refined / "summary.json").read_text())
+    assert summary["iterations"][1]["eval_scores"]["miou"] is not None
 
 
 def test_weaktr_flags_need_the_weaktr_arch(tiny_dfc: Path, tmp_path: Path, capsys) -> None:

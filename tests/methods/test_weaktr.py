@@ -26,7 +26,7 @@ def test_defaults_are_weaktr_v2_voc_inference() -> None:
     m = get_method("weaktr")
     o = m.options
     assert (o.cam, o.rule, o.normalize, o.scales, o.flip, o.background_threshold) == \
-        ("fine", "auto", "minmax", "1,1.2", "on", 0.43)
+        ("fused", "auto", "minmax", "1,1.2", "on", 0.43)
 
 
 def test_cams_are_the_model_maps_restricted_to_the_labels() -> None:
@@ -39,7 +39,9 @@ def test_cams_are_the_model_maps_restricted_to_the_labels() -> None:
     torch.testing.assert_close(weaktr_cams(model, x, "coarse"), maps["coarse_logits"].clamp_min(0))
     labels = torch.tensor([[True, False, True], [False, True, False]])
     got = get_method("weaktr").class_maps(model, x, labels)
-    torch.testing.assert_close(got, maps["fine_cam"] * labels[:, :, None, None])
+    torch.testing.assert_close(got, maps["fused_cam"] * labels[:, :, None, None])  # the default CAM
+    fine = get_method("weaktr", cam="fine").class_maps(model, x, labels)
+    torch.testing.assert_close(fine, maps["fine_cam"] * labels[:, :, None, None])
 
 
 def test_auto_rule_is_background_only_where_the_data_has_one() -> None:
@@ -75,3 +77,14 @@ def test_weaktr_needs_a_weaktr_classifier_and_others_read_it() -> None:
     model = weaktr_model()
     for name in ("weaktr", "class_attention", "gradcam", "top_class"):
         get_method(name).check_model(model, "w.ckpt")
+
+
+def test_head_weights_are_the_mean_aaf_weights() -> None:
+    model = weaktr_model()
+    x = torch.rand(3, 3, 16, 16)
+    out = model.forward_features(x, attention_blocks=range(2), attention_outputs=True)
+    expected = model.weaktr_maps(out)["weights"].mean(dim=0)
+    got = get_method("weaktr").head_weights(model, x)
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got, expected)
+    assert get_method("gradcam").head_weights(model, x) is None

@@ -59,3 +59,14 @@ def test_comparison_table_groups_rows_by_checkpoint_and_names_the_best():
     gradcam = next(line for line in lines if "Grad-CAM" in line)
     assert gradcam.split()[-2:] == ["40.0", "41.0"]  # train mIoU, holdout mIoU
     assert lines[-1] == "best pipeline (chosen on the holdout, mIoU 52.0): B + X"
+
+
+def test_a_second_refined_pipeline_gets_its_own_group_title():
+    rows = [_row("a", "gradcam", "Grad-CAM", 0.40, 0.41), _row("b", "weaktr_fused", "WeakTr fused", 0.5, 0.5),
+            {**_row("a", "refined_1", "refined, iteration 1", 0.45, test=0.4), "refines": "gradcam"},
+            {**_row("b", "refined_weaktr_1", "refined (weaktr pipeline), iteration 1", 0.48, test=0.4),
+             "refines": "weaktr_fused", "refines_label": "WeakTr fused"}]
+    best = {"label": "A + Grad-CAM", "holdout_miou": 0.41, "classifier": "a", "method": "gradcam"}
+    lines = format_comparison_table(rows, best).splitlines()
+    titles = [line for line in lines if line.startswith("refined with a UNet")]
+    assert titles == ["refined with a UNet: A + Grad-CAM", "refined with a UNet: B + WeakTr fused"]

@@ -651,7 +651,7 @@ def test_min_confidence_and_lr_schedule_flags(tmp_path: Path) -> None:
     ({"min_confidence": -0.1}, r"min_confidence must be a number in \[0, 1\]"),
     ({"min_confidence": float("nan")}, r"min_confidence must be a number in \[0, 1\]"),
     ({"lr_schedule": "step"},
-     r"unknown lr_schedule 'step'; choose from \['constant', 'cosine'\] \(--lr_schedule\)"),
+     r"unknown lr_schedule 'step'; choose from \['constant', 'cosine', 'poly'\] \(--lr_schedule\)"),
 ])
 def test_invalid_min_confidence_or_lr_schedule(tmp_path: Path, settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from weakseg.errors import ConfigError, DataError
-from weakseg.tasks.segmentation import SegmentationTask, masked_cross_entropy
+from weakseg.tasks.losses import masked_cross_entropy
+from weakseg.tasks.segmentation import SegmentationTask
 
 # Steps called directly (outside a Trainer) make self.log warn; that is expected here.
 pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--split", required=True, help="split whose ground truth is used (DFC2020: validation or test; folder: all or a split list)"
     )
     parser.add_argument(
-        "--dataset", choices=("dfc2020", "folder"), default=None,
+        "--dataset", choices=("dfc2020", "folder", "voc"), default=None,
         help="dataset layout (default: the one the predictions were made for, else folder when --datadir has a "
              "classes.txt, else dfc2020)"
     )

@@ -42,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--split", default="validation",
                    help="split to pseudo-label (default: validation, the DFC2020 training split; "
                         "'validation:train' / 'validation:holdout' name its two parts)")
-    p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: the one the model was trained on)")
+    p.add_argument("--dataset", choices=["dfc2020", "folder", "voc"], help="reader (default: the one the model was trained on)")
     p.add_argument("--method", choices=sorted(METHODS), default="attention",
                    help="; ".join(f"{n}: {c.summary}" for n, c in sorted(METHODS.items())))
     p.add_argument("--oracle", action="store_true", help="use ground-truth image labels instead of predictions")

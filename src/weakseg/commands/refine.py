@@ -112,6 +112,21 @@ REFINE_CHECKS: dict[str, Check | list[Check]] = {
     "min_confidence": between(0, 1),
     "classifier": non_empty,
     "figure_tiles": at_least(1),
+    "model": one_of(["unet", "segmenter"]),
+    "loss": one_of(["ce", "clip"]),
+    "clip_start": positive(),
+    "clip_window": at_least(1),
+    "optimizer": one_of(["adamw", "sgd"]),
+    "encoder_lr_scale": positive(),
+    "patch_size": at_least(1),
+    "embed_dim": at_least(1),
+    "depth": at_least(1),
+    "num_heads": at_least(1),
+    "decoder_depth": at_least(0),
+    "pretrained": non_empty,
+    "window": at_least(1),
+    "stride": at_least(1),
+    "predict_scales": [length(1, 8), each(positive())],
 }
 
 
@@ -136,7 +151,7 @@ def add_parser(subparsers: Any) -> None:
                         "(default on when --model_checkpoint is given)")
     p.add_argument("--split", help="pseudo-labelled split to train on (default: validation)")
     p.add_argument("--eval_split", help="held-out split to predict and score after each iteration (test)")
-    p.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default: dfc2020)")
+    p.add_argument("--dataset", choices=["dfc2020", "folder", "voc"], help="reader (default: dfc2020)")
     p.add_argument("--multimodal", action=bool_flag, help="Sentinel-1 + Sentinel-2 inputs (15 channels)")
     p.add_argument("--normalization", choices=["none", "per_image_max", "standardize"])
     p.add_argument("--iterations", type=int, help=f"refinement iterations after iteration 0 (default {DEFAULT_ITERATIONS})")
@@ -144,7 +159,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch_size", type=int, help="training batch per device (default 16)")
     p.add_argument("--learning_rate", type=float, help=f"AdamW learning rate (default {DEFAULT_LR:g})")
     p.add_argument("--lr_schedule", choices=list(LR_SCHEDULES),
-                   help=f"learning rate over each iteration: cosine decay to 0 or constant "
+                   help=f"learning rate over each iteration: cosine decay to 0, poly (WeakTr's phase 2) or constant "
                         f"(default {DEFAULT_LR_SCHEDULE})")
     p.add_argument("--min_confidence", type=float,
                    help="in [0, 1]: target pixels whose confidence is below it are ignored by the loss, in "
@@ -161,6 +176,28 @@ def add_parser(subparsers: Any) -> None:
                    help="draw <output>/figures/: per-iteration panels of --figure_tiles sampled tiles and the mIoU "
                         "per iteration (default on; --no-figures skips them)")
     p.add_argument("--figure_tiles", type=int, help="tiles drawn in the panels (default 4, a fixed seeded sample)")
+    g = p.add_argument_group("network and loss (WeakTr's phase 2: --model segmenter --loss clip --optimizer sgd "
+                             "--lr_schedule poly)")
+    g.add_argument("--model", choices=["unet", "segmenter"],
+                   help="segmentation network: unet (default) or segmenter (ViT encoder + mask transformer)")
+    g.add_argument("--loss", choices=["ce", "clip"],
+                   help="ce: cross-entropy ignoring 255 (default); clip: WeakTr's gradient-clipping loss")
+    g.add_argument("--clip_start", type=float, help="clip: no clipping while the batch-mean loss is above it (1.2)")
+    g.add_argument("--clip_window", type=int,
+                   help="clip: window side in pixels (default: a quarter of the tile side, WeakTr's 4 x 4 grid)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd (Nesterov, momentum 0.9)")
+    g.add_argument("--encoder_lr_scale", type=float, help="segmenter: encoder learning-rate multiplier (0.1)")
+    g.add_argument("--patch_size", type=int, help="segmenter: encoder patch size (8)")
+    g.add_argument("--embed_dim", type=int, help="segmenter: encoder width (96)")
+    g.add_argument("--depth", type=int, help="segmenter: encoder blocks (4)")
+    g.add_argument("--num_heads", type=int, help="segmenter: attention heads (6)")
+    g.add_argument("--decoder_depth", type=int, help="segmenter: mask-transformer blocks (2)")
+    g.add_argument("--pretrained", help="segmenter: local timm / DeiT / DINO ViT checkpoint for the encoder")
+    g.add_argument("--window", type=int, help="segmenter: sliding-window side for prediction (default: whole tile)")
+    g.add_argument("--stride", type=int, help="segmenter: sliding-window stride (default: the window)")
+    g.add_argument("--predict_scales", type=float, nargs="+",
+                   help="prediction scales whose softmax is averaged (default 1)")
+    g.add_argument("--predict_flip", action=bool_flag, help="add each prediction scale's flipped view (off)")
     p.set_defaults(run=run)
 
 

@@ -46,7 +46,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset: cpu (default) or paper")
     g = p.add_argument_group("data")
     g.add_argument("--datadir", help="dataset root; default: built-in synthetic data in weakseg_data/")
-    g.add_argument("--dataset", choices=["dfc2020", "folder"], help="reader (default dfc2020)")
+    g.add_argument("--dataset", choices=["dfc2020", "folder", "voc"], help="reader (default dfc2020)")
     g.add_argument("--train_split", help="split to train on (default: the training split without its holdout, "
                                          "validation:train for DFC2020, all:train for a folder)")
     g.add_argument("--val_split", help="split that chooses best.ckpt by image-label macro F1 (default: the "

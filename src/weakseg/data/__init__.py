@@ -12,7 +12,7 @@ from typing import Any
 from weakseg.data.splits import parse_split, part_indices
 from weakseg.errors import DataError
 
-DATASET_KINDS = ("dfc2020", "folder")
+DATASET_KINDS = ("dfc2020", "folder", "voc")
 
 
 def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
@@ -20,7 +20,7 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
 
     Args:
         kind: "dfc2020" (official DFC2020 layout; also the built-in synthetic data) or "folder" (images plus
-            a class-names file and image labels or masks; see the README).
+            a class-names file and image labels or masks; see the README) or "voc" (PASCAL VOC 2012 layout).
         root: dataset folder.
         split: split name ("validation" / "test" for DFC2020; a split list name or "all" for folders), or one
             part of it: ``"<split>:train"`` / ``"<split>:holdout"`` (:mod:`weakseg.data.splits`).
@@ -41,6 +41,10 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
         from weakseg.data.folder import FolderDataset
 
         reader = FolderDataset(root, base, **kwargs)
+    elif kind == "voc":
+        from weakseg.data.voc import VOCDataset
+
+        reader = VOCDataset(root, base, **kwargs)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
     if part is not None:
@@ -51,7 +55,8 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
 
 def guess_dataset_kind(root: Path, predictions: Path | None = None) -> tuple[str, str]:
     """(dataset kind, why) for a command not told ``--dataset``: the kind recorded in the ``run.json`` of a
-    ``weakseg pseudomasks`` folder, else ``folder`` when ``root`` holds a ``classes.txt``, else ``dfc2020``."""
+    ``weakseg pseudomasks`` folder, else ``folder`` when ``root`` holds a ``classes.txt``, ``voc`` when it holds
+    ``JPEGImages/`` (or ``VOCdevkit/VOC2012/JPEGImages/``), else ``dfc2020``."""
     import json
 
     if predictions is not None:
@@ -63,6 +68,9 @@ def guess_dataset_kind(root: Path, predictions: Path | None = None) -> tuple[str
             return kind, f"recorded in {Path(predictions) / 'run.json'}"
     if (Path(root) / "classes.txt").is_file():
         return "folder", f"{Path(root) / 'classes.txt'} exists"
+    for sub in ("JPEGImages", "VOC2012/JPEGImages", "VOCdevkit/VOC2012/JPEGImages"):
+        if (Path(root) / sub).is_dir():
+            return "voc", f"{Path(root) / sub} exists"
     return "dfc2020", "no classes.txt in the data folder"
 
 

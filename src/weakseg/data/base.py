@@ -93,6 +93,9 @@ class TileDataset(torch.utils.data.Dataset):
     #: training crop gets the labels of the crop. False where they are whole-image labels (a CSV): training then
     #: resizes the whole image instead of cropping (:func:`weakseg.data.datamodule.build_transform`).
     labels_from_crop: bool = True
+    #: The background class of datasets that have one (VOC: 0), for the background-plane mask rule
+    #: (:mod:`weakseg.masks.rules`); None for land cover, where every class is a class.
+    background_index: int | None = None
 
     def __init__(self, transform: Transform | None, label_threshold: float, cache: bool) -> None:
         self.transform = transform

@@ -95,6 +95,11 @@ class PseudomaskMethod(ABC):
         """
         return []
 
+    def head_weights(self, model: GatedViT, images: Tensor) -> Tensor | None:
+        """(depth, heads) per-head weights the method gives the heads of ``images`` (averaged), drawn as
+        ``figures/head_weights.png``; None (the default) when the method weighs no heads."""
+        return None
+
     def check_model(self, model: GatedViT, checkpoint: str | Path) -> None:
         """Refuse a classifier this method cannot read, naming the checkpoint and the ``--arch`` to train."""
         arch = architecture_of(model.cfg)

@@ -126,8 +126,8 @@ class ComparisonConfig:
         classifiers: names from :data:`CLASSIFIERS` to train.
         train_overrides: extra :class:`~weakseg.pipeline.train.TrainConfig` settings for every classifier.
         refine_overrides: extra :class:`~weakseg.pipeline.refine.RefineConfig` settings.
-        refine_best_of: architectures whose own best pipeline (on the holdout) is refined too, beside the best
-            pipeline overall (``benchmarks/quality.py``: WeakTr's refined masks are reported whichever wins).
+        refine_best_of: architectures whose own best pipeline (on the holdout, among the rows of the method named
+            like the architecture) is refined too, beside the best pipeline overall (``benchmarks/quality.py``: WeakTr's refined masks are reported whichever wins).
     """
 
     datadir: str
@@ -261,7 +261,8 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
         rows += new_rows
         arch_of = {c.name: c.arch for c in CLASSIFIERS}
         for family in cfg.refine_best_of:  # e.g. WeakTr's own best pipeline, when it is not the best overall
-            family_rows = [r for r in candidates if arch_of[r["classifier"]] == family]
+            family_rows = [r for r in candidates if arch_of[r["classifier"]] == family  # its own method's rows
+                           and r["method"].startswith(family)]
             if not family_rows:
                 continue
             pick = max(family_rows, key=lambda r: r["holdout"]["miou"])

@@ -99,7 +99,7 @@ from weakseg.pipeline.stages import (
     unmark,
 )
 from weakseg.pipeline.tables import format_refine_table, refine_progress_line
-from weakseg.tasks.segmentation import SegmentationTask
+from weakseg.tasks.segmentation import SEGMENTATION_LOSSES, SEGMENTATION_MODELS, SegmentationTask
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ DEFAULT_LR_SCHEDULE = "cosine"
 #: Refinement iterations. The paper shows two; on the holdout of the built-in data a second iteration lowered the
 #: mIoU of the label-weighted UNet (54.6 -> 53.3; paired +1.3 ± 1.2 for one, 3 seeds, ``benchmarks/defaults.py``).
 DEFAULT_ITERATIONS = 1
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "poly")
 #: Target pixels with a confidence below this are ignored by the loss; the CLI flag shares this default. 0.0 keeps
 #: every pixel: with label weighting, ignoring the pixels below 0.1, 0.2 or 0.3 of the class-attention margin
 #: (23-44 % of them) did not raise the holdout mIoU beyond the seed spread (paired differences against 0:
@@ -168,6 +168,16 @@ class RefineConfig:
         figures: draw ``output_dir/figures/`` at the end (:func:`weakseg.pipeline.run_figures.write_refine_figures`:
             per-iteration panels, mIoU per iteration); a drawing failure is a warning, never a failed run.
         figure_tiles: tiles of ``split`` in the panels (a fixed seeded sample).
+        model: ``"unet"`` (the default for tiles) or ``"segmenter"`` (WeakTr's phase 2: a ViT encoder of
+            ``patch_size`` / ``embed_dim`` / ``depth`` / ``num_heads``, optionally from a local timm / DeiT checkpoint
+            ``pretrained``, and a mask transformer of ``decoder_depth`` blocks; :mod:`weakseg.models.segmenter`).
+        loss: ``"ce"`` (cross-entropy ignoring 255) or ``"clip"`` (WeakTr's gradient-clipping loss with
+            ``clip_start`` and ``clip_window``; :mod:`weakseg.tasks.losses`).
+        optimizer: ``"adamw"`` (default) or ``"sgd"`` (Nesterov, momentum 0.9, no weight decay: WeakTr's phase 2,
+            with ``lr_schedule: poly``); ``encoder_lr_scale`` multiplies Segmenter's encoder learning rate (WeakTr
+            0.1).
+        window, stride: sliding-window prediction of Segmenter (tiles no larger than the window: one pass).
+        predict_scales, predict_flip: prediction views whose softmax is averaged (multi-scale + flip).
     """
 
     datadir: str
@@ -196,6 +206,22 @@ class RefineConfig:
     label_weighting: bool = True
     figures: bool = True
     figure_tiles: int = 4
+    model: str = "unet"
+    loss: str = "ce"
+    clip_start: float = 1.2
+    clip_window: int | None = None
+    optimizer: str = "adamw"
+    encoder_lr_scale: float = 0.1
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 6
+    decoder_depth: int = 2
+    pretrained: str | None = None
+    window: int | None = None
+    stride: int | None = None
+    predict_scales: list[float] = field(default_factory=lambda: [1.0])
+    predict_flip: bool = False
 
 
 def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int, tuple[int, int]]:
@@ -436,8 +462,7 @@ def _train_stage(ctx: _Context, stage_dir: Path, seed: int, targets: TargetMasks
     unmark(stage_dir)  # a crash below must not leave an old marker
     _log_targets(stage, targets, None if supervised else cfg.min_confidence)
     L.seed_everything(seed, workers=True, verbose=False)
-    task = SegmentationTask(in_chans=ctx.channels, num_classes=ctx.num_classes, widths=list(cfg.widths),
-                            lr=cfg.lr, lr_schedule=cfg.lr_schedule)
+    task = build_segmentation_task(cfg, ctx.channels, ctx.num_classes, ctx.tile_size)
     transform = build_transform("train", ctx.tile_size, ctx.data_config)  # full-tile crop, flips, normalise
     train_tiles = TargetTiles(ctx.train_reader, targets.masks, transform, ctx.tile_size)
     loader = DataLoader(
@@ -522,6 +547,27 @@ def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: d
     }
 
 
+def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
+                            tile_size: Sequence[int]) -> SegmentationTask:
+    """The segmentation task of ``cfg`` (UNet or Segmenter, CE or clipping loss), for tiles of ``tile_size``."""
+    segmenter = None
+    if cfg.model == "segmenter":
+        segmenter = {"patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+                     "num_heads": cfg.num_heads, "decoder_depth": cfg.decoder_depth}
+    task = SegmentationTask(
+        in_chans=channels, num_classes=num_classes, widths=list(cfg.widths), lr=cfg.lr, lr_schedule=cfg.lr_schedule,
+        model=cfg.model, segmenter=segmenter, tile_size=list(tile_size), loss=cfg.loss, clip_start=cfg.clip_start,
+        clip_window=cfg.clip_window, optimizer=cfg.optimizer,
+        encoder_lr_scale=cfg.encoder_lr_scale if cfg.model == "segmenter" else 1.0, window=cfg.window,
+        stride=cfg.stride, scales=list(cfg.predict_scales), flip=cfg.predict_flip,
+    )
+    if cfg.pretrained and cfg.model == "segmenter":
+        from weakseg.models.pretrained import load_pretrained
+
+        load_pretrained(task.model.encoder, Path(cfg.pretrained))
+    return task
+
+
 def _validate(cfg: RefineConfig) -> None:
     if not cfg.supervised and not cfg.pseudomasks:
         raise ConfigError(
@@ -551,6 +597,14 @@ def _validate(cfg: RefineConfig) -> None:
         )
     if cfg.band_stats is not None and len(cfg.band_stats) != 2:
         raise ConfigError("band_stats must be [mean per band, std per band]")
+    if cfg.model not in SEGMENTATION_MODELS:
+        raise ConfigError(f"unknown model {cfg.model!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
+    if cfg.loss not in SEGMENTATION_LOSSES:
+        raise ConfigError(f"unknown loss {cfg.loss!r} (--loss); choose from {list(SEGMENTATION_LOSSES)}")
+    if cfg.pretrained and cfg.model != "segmenter":
+        raise ConfigError("--pretrained initialises Segmenter's ViT encoder: it needs --model segmenter")
+    if cfg.model == "segmenter" and cfg.embed_dim % cfg.num_heads:
+        raise ConfigError(f"--embed_dim {cfg.embed_dim} is not divisible by --num_heads {cfg.num_heads}")
 
 
 def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:

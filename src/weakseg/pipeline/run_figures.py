@@ -187,7 +187,8 @@ def write_pseudomask_figures(out_dir: Path, reader: Any, task: Any, runner: Any,
 def pseudomask_figure_files(out_dir: Path) -> list[Path]:
     """The figures a pseudomask run drew in ``out_dir`` (``--overwrite`` deletes them with the run's masks)."""
     fig_dir = Path(out_dir) / FIGURES_DIR
-    return [p for p in [fig_dir / "pseudomasks.png", *sorted(fig_dir.glob("attention_heads_*.png"))] if p.is_file()]
+    return [p for p in [fig_dir / "pseudomasks.png", fig_dir / "head_weights.png",
+                        *sorted(fig_dir.glob("attention_heads_*.png"))] if p.is_file()]
 
 
 def _manifest(out_dir: Path) -> dict[str, dict[str, str]]:
@@ -255,6 +256,17 @@ def _pseudomask_figures(out_dir: Path, reader: Any, task: Any, runner: Any, figu
     blocks = list(runner.attention_blocks(task.model.cfg.depth))
     if blocks:
         paths += _attention_heads(fig_dir, reader, task, picks[:HEAD_MAP_TILES], blocks, method)
+    import torch
+
+    images = torch.stack([reader[i]["image"] for i in picks])  # as the method saw them
+    weights = runner.head_weights(task.model, images)
+    if weights is not None:
+        from weakseg.viz.figures import plot_head_weights
+
+        paths.append(plot_head_weights(
+            weights.cpu().numpy(), task.model.head_mask().numpy(), fig_dir / "head_weights.png",
+            title=f"--method {method}: weight of each head, mean over the {len(picks)} tiles of pseudomasks.png",
+        ))
     return paths
 
 

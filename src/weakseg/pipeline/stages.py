@@ -29,7 +29,9 @@ ITERATION_PREFIX = "iter"
 FINGERPRINT_KEYS = (
     "datadir", "pseudomasks", "dataset", "split", "modality", "normalization", "band_stats", "epochs",
     "batch_size", "lr", "lr_schedule", "widths", "seed", "augment", "min_confidence", "classifier",
-    "label_weighting",
+    "label_weighting", "model", "loss", "clip_start", "clip_window", "optimizer", "encoder_lr_scale", "patch_size",
+    "embed_dim", "depth", "num_heads", "decoder_depth", "pretrained", "window", "stride", "predict_scales",
+    "predict_flip",
 )
 
 

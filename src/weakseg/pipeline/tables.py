@@ -112,8 +112,9 @@ def format_comparison_table(rows: list[dict[str, Any]], best: dict[str, Any]) ->
     current = None
     for r in rows:
         method = r["method"]
-        group = ("refined" if method.startswith("refined_") and r.get("refines", best["method"]) == best["method"]
-                 and r["classifier"] == best["classifier"] else f"refined:{r['classifier']}:{r.get('refines')}"
+        refines_best = r.get("refines") is None or (r.get("refines") == best.get("method")
+                                                     and r["classifier"] == best.get("classifier"))
+        group = (("refined" if refines_best else f"refined:{r['classifier']}:{r.get('refines')}")
                  if method.startswith("refined") else method if method == "supervised" else r["classifier"])
         if group != current:
             current = group

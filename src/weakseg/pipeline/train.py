@@ -57,7 +57,8 @@ log = logging.getLogger("weakseg")
 
 DEFAULT_SYNTHETIC_DIR = Path("weakseg_data/synthetic_dfc2020")
 #: Default training / validation splits per dataset kind: the training split without / with only its holdout.
-DEFAULT_SPLITS = {"dfc2020": ("validation:train", "validation:holdout"), "folder": ("all:train", "all:holdout")}
+DEFAULT_SPLITS = {"dfc2020": ("validation:train", "validation:holdout"), "folder": ("all:train", "all:holdout"),
+                  "voc": ("train:train", "train:holdout")}
 #: Pruning defaults (README "Pruning"; ``benchmarks/pruning.py``). With ``--prune`` half of the heads are pruned,
 #: the ones whose gates the task lowered most, ramped in over the first half of the run, whatever its length. The
 #: gates start open at log alpha 3 (a head is dropped in 5 % of the training steps, sigmoid(-3)), all alike, so no

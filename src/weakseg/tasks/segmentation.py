@@ -31,31 +31,33 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.errors import ConfigError, DataError
+from weakseg.models.segmenter import Segmenter, sliding_window_logits
 from weakseg.models.unet import DEFAULT_WIDTHS, UNet
+from weakseg.tasks.losses import DEFAULT_CLIP_START, gradient_clipping_loss, masked_cross_entropy
 
-LRSchedule = Literal["constant", "cosine"]
+LRSchedule = Literal["constant", "cosine", "poly"]
+#: The segmentation networks of ``weakseg refine --model``.
+SEGMENTATION_MODELS: tuple[str, ...] = ("unet", "segmenter")
+#: ``--loss``: cross-entropy ignoring 255, or WeakTr's gradient-clipping loss (:mod:`weakseg.tasks.losses`).
+SEGMENTATION_LOSSES: tuple[str, ...] = ("ce", "clip")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+#: WeakTr's poly schedule floor (``weaktr.md`` 4.2).
+POLY_MIN_LR = 1e-5
 
 
-def masked_cross_entropy(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Mean cross-entropy over the pixels whose label is not ``ignore_index``.
-
-    ``F.cross_entropy(..., ignore_index=...)`` with ``reduction="mean"`` divides by the number of labelled
-    pixels and returns NaN (0 / 0) when a batch has none, which happens with pseudomasks that leave whole
-    tiles unlabelled. Summing and dividing by ``max(count, 1)`` returns 0 instead, still attached to the
-    graph, so ``backward`` gives zero gradients rather than NaN weights.
-
-    Args:
-        logits: (B, K, H, W) class scores.
-        mask: (B, H, W) int64 labels in ``[0, K)`` or ``ignore_index``.
-        ignore_index: label that contributes neither loss nor count.
-    """
-    loss_sum = F.cross_entropy(logits, mask, ignore_index=ignore_index, reduction="sum")
-    labelled = (mask != ignore_index).sum().clamp_min(1)
-    return loss_sum / labelled
+def build_segmentation_model(name: str, in_chans: int, num_classes: int, widths: Sequence[int],
+                             tile_size: Sequence[int], segmenter: dict[str, Any] | None) -> torch.nn.Module:
+    """The network ``name`` of :data:`SEGMENTATION_MODELS` (a UNet padding tiles to its divisor, or Segmenter)."""
+    if name == "unet":
+        return UNet(in_chans=in_chans, num_classes=num_classes, widths=widths, pad_input=True)
+    if name == "segmenter":
+        return Segmenter(in_chans, num_classes, img_size=tuple(tile_size), **(segmenter or {}))
+    raise ConfigError(f"unknown segmentation model {name!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
 
 
 class SegmentationTask(L.LightningModule):
-    """UNet + cross-entropy (ignore 255) + AdamW, with validation pixel accuracy and mIoU.
+    """UNet (or Segmenter) + cross-entropy (ignore 255, or WeakTr's clipping loss) + AdamW (or SGD), with
+    validation pixel accuracy and mIoU.
 
     Args:
         in_chans: input channels of the UNet.
@@ -65,7 +67,16 @@ class SegmentationTask(L.LightningModule):
         weight_decay: AdamW weight decay, applied to convolution weights only; BatchNorm parameters and biases
             get none because decaying them only shrinks the normalisation scale, it does not regularise.
         lr_schedule: ``"constant"``, or ``"cosine"``: cosine annealing to 0 over all optimiser steps of the
-            fit, stepped every batch (needs ``max_epochs`` or ``max_steps`` on the Trainer).
+            fit, stepped every batch (needs ``max_epochs`` or ``max_steps`` on the Trainer), or ``"poly"``:
+            WeakTr's ``(lr - 1e-5) (1 - step / steps) ** 0.9 + 1e-5``.
+        model: ``"unet"`` or ``"segmenter"`` (:func:`build_segmentation_model`); ``segmenter`` its settings
+            (:class:`weakseg.models.segmenter.Segmenter`) and ``tile_size`` the tiles' (H, W).
+        loss: ``"ce"`` or ``"clip"`` (:func:`weakseg.tasks.losses.gradient_clipping_loss` with ``clip_start`` and
+            ``clip_window``).
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov, momentum 0.9, WeakTr's phase 2).
+        encoder_lr_scale: learning-rate multiplier of Segmenter's encoder (WeakTr: 0.1).
+        window, stride: sliding-window prediction (:func:`weakseg.models.segmenter.sliding_window_logits`).
+        scales, flip: prediction views whose softmax is averaged (each scale resized back to the tile).
 
     Raises:
         ConfigError: on a non-positive ``lr``, a negative ``weight_decay``, ``num_classes`` outside [1, 255)
@@ -86,6 +97,18 @@ class SegmentationTask(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         lr_schedule: LRSchedule = "constant",
+        model: str = "unet",
+        segmenter: dict[str, Any] | None = None,
+        tile_size: Sequence[int] = (64, 64),
+        loss: str = "ce",
+        clip_start: float = DEFAULT_CLIP_START,
+        clip_window: int | None = None,
+        optimizer: str = "adamw",
+        encoder_lr_scale: float = 1.0,
+        window: int | None = None,
+        stride: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -97,13 +120,19 @@ class SegmentationTask(L.LightningModule):
                 f"num_classes must be in [1, {IGNORE_INDEX}) for uint8 masks with 255 = ignore, "
                 f"got {num_classes}"
             )
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if lr_schedule not in ("constant", "cosine", "poly"):
+            raise ConfigError(f"lr_schedule must be 'constant', 'cosine' or 'poly', got {lr_schedule!r}")
+        if loss not in SEGMENTATION_LOSSES:
+            raise ConfigError(f"unknown loss {loss!r} (--loss); choose from {list(SEGMENTATION_LOSSES)}")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
         widths = [int(w) for w in widths]  # a list, so the saved hparams are plain YAML
+        tile_size = [int(v) for v in tile_size]
+        scales = [float(v) for v in scales]
         self.save_hyperparameters()
         self.num_classes = num_classes
-        # Tiles of any size: padded inside the UNet to its size divisor, logits cropped back (models/unet.py).
-        self.model = UNet(in_chans=in_chans, num_classes=num_classes, widths=widths, pad_input=True)
+        # Tiles of any size: padded inside the network to its size divisor, logits cropped back.
+        self.model = build_segmentation_model(model, in_chans, num_classes, widths, tile_size, segmenter)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX),
@@ -134,9 +163,39 @@ class SegmentationTask(L.LightningModule):
         return masked_cross_entropy(logits, mask), logits, mask
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, _, mask = self._shared_step(batch)
+        if self.hparams.loss == "clip":
+            image, mask = batch["image"], batch["mask"].long()
+            self._check_mask(mask, batch)
+            loss, stats = gradient_clipping_loss(self(image), mask, float(self.hparams.clip_start),
+                                                 self.hparams.clip_window)
+            self.log("train_clip_mu", stats["mu"], on_step=False, on_epoch=True, batch_size=mask.shape[0])
+            self.log("train_clipped_fraction", stats["clipped"], on_step=False, on_epoch=True,
+                     batch_size=mask.shape[0])
+        else:
+            loss, _, mask = self._shared_step(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=mask.shape[0])
         return loss
+
+    def predict_probabilities(self, image: Tensor) -> Tensor:
+        """Softmax (B, K, H, W) averaged over the prediction views: each of ``scales`` (resized back to the
+        tile) with its horizontal flip when ``flip``, each view by sliding windows (``window``, ``stride``)."""
+        H, W = image.shape[-2:]
+        total: Tensor | None = None
+        views = 0
+        for scale in self.hparams.scales:
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))
+            x = image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            for flipped in ((False, True) if self.hparams.flip else (False,)):
+                logits = sliding_window_logits(self, x.flip(-1) if flipped else x, self.hparams.window,
+                                               self.hparams.stride)
+                logits = logits.flip(-1) if flipped else logits
+                if logits.shape[-2:] != (H, W):
+                    logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+                prob = logits.softmax(dim=1)
+                total = prob if total is None else total + prob
+                views += 1
+        assert total is not None
+        return total / views
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, logits, mask = self._shared_step(batch)
@@ -152,26 +211,42 @@ class SegmentationTask(L.LightningModule):
         Lightning runs prediction in eval mode under ``torch.inference_mode``; ``id`` is passed through (None
         when the batch has none) so a writer can name the output files.
         """
-        prob, pred = self(batch["image"]).softmax(dim=1).max(dim=1)  # (B, H, W) each
+        prob, pred = self.predict_probabilities(batch["image"]).max(dim=1)  # (B, H, W) each
         return {"id": batch.get("id"), "pred": pred.to(torch.uint8), "prob": prob.float()}
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            (decay if param.ndim > 1 else no_decay).append(param)  # conv weights vs BN weights and biases
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-        )
-        if self.hparams.lr_schedule == "constant":
+        hp = self.hparams
+        encoder = {id(p) for p in getattr(self.model, "encoder_parameters", list)()}
+        groups = []
+        for in_encoder in (False, True):
+            decay, no_decay = [], []
+            for param in self.model.parameters():
+                if (id(param) in encoder) == in_encoder:
+                    (decay if param.ndim > 1 else no_decay).append(param)  # weights vs norms and biases
+            scale = float(hp.encoder_lr_scale) if in_encoder else 1.0
+            wd = hp.weight_decay if hp.optimizer == "adamw" else 0.0  # WeakTr's SGD: no weight decay
+            groups += [g for g in ({"params": decay, "weight_decay": wd, "lr": hp.lr * scale},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr": hp.lr * scale}) if g["params"]]
+        if hp.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.lr_schedule == "constant":
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps) or total_steps < 1:
             raise ConfigError(
-                "lr_schedule 'cosine' needs a finite training length: set max_epochs or max_steps"
+                f"lr_schedule {hp.lr_schedule!r} needs a finite training length: set max_epochs or max_steps"
             )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
+        if hp.lr_schedule == "cosine":
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
+        else:  # poly, as WeakTr's phase 2: (lr - 1e-5) (1 - t / T) ** 0.9 + 1e-5, per group
+            bases = [g["lr"] for g in groups]
+            floor = min(POLY_MIN_LR, min(bases))
+
+            def poly(step: int, base: float) -> float:
+                return ((base - floor) * (1 - min(step, total_steps) / total_steps) ** 0.9 + floor) / base
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [lambda step, b=b: poly(step, b) for b in bases])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

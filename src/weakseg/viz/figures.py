@@ -492,6 +492,41 @@ def plot_gate_map(
     return _save(fig, path)
 
 
+def plot_head_weights(
+    weights: np.ndarray, head_mask: np.ndarray, path: str | os.PathLike, title: str, dpi: int = 100,
+) -> Path:
+    """Block x head heat map of per-head weights (WeakTr's AAF weights), value in each cell, pruned heads grey.
+
+    Args:
+        weights: (depth, heads) values in [0, 1].
+        head_mask: bool (depth, heads), True = kept.
+        path: PNG to write. title: figure title.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    kept = np.asarray(head_mask, dtype=bool)
+    if w.ndim != 2 or w.shape != kept.shape:
+        raise WeaksegError(f"weights {w.shape} and head_mask {kept.shape} must both be (depth, heads)")
+    depth, heads = w.shape
+    fig = _new_figure(heads * 0.55 + 2.6, depth * 0.55 + 1.2, dpi)
+    ax = fig.subplots()
+    shown = np.ma.masked_where(~kept, w)
+    image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    ax.imshow(np.where(kept[..., None], np.nan, np.array(to_rgb(_PRUNED_COLOR))), interpolation="nearest")
+    for layer in range(depth):
+        for head in range(heads):
+            text = f"{w[layer, head]:.2f}" if kept[layer, head] else "pruned"
+            ax.text(head, layer, text, ha="center", va="center", fontsize=6,
+                    color="white" if kept[layer, head] and w[layer, head] < 0.6 else "black")
+    ax.set_xticks(np.arange(heads))
+    ax.set_yticks(np.arange(depth))
+    ax.tick_params(length=0, labelsize=7)
+    ax.set_xlabel("head", fontsize=8)
+    ax.set_ylabel("block", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    return _save(fig, path)
+
+
 def plot_metric_bars(
     scores: Mapping[str, Mapping[str, float]],
     path: str | os.PathLike,
