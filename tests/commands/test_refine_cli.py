@@ -89,3 +89,35 @@ def test_unambiguous_yaml_spellings_are_coerced_and_none_means_no_eval_split(tmp
     cfg = resolve_refine_config(args)
     assert cfg.lr == 0.001 and cfg.widths == [8] and cfg.epochs == 2 and isinstance(cfg.epochs, int)
     assert cfg.eval_split is None and cfg.augment is False
+
+
+def test_model_recipe_sits_under_yaml_and_flags(tmp_path):
+    def cfg_of(*extra: str):
+        return resolve_refine_config(build_parser().parse_args(["refine", "--datadir", "d", "--output", "o", *extra]))
+
+    unet = cfg_of()
+    assert (unet.model, unet.optimizer, unet.lr, unet.lr_schedule) == ("unet", "adamw", 3e-3, "cosine")
+    seg = cfg_of("--model", "segmenter")
+    assert (seg.optimizer, seg.lr, seg.lr_schedule, seg.encoder_lr_scale) == ("adamw", 3e-3, "cosine", 1.0)
+    weaktr = cfg_of("--model", "segmenter", "--optimizer", "sgd", "--lr_schedule", "poly", "--encoder_lr_scale", "0.1")
+    assert (weaktr.optimizer, weaktr.lr_schedule, weaktr.encoder_lr_scale) == ("sgd", "poly", 0.1)
+    config = tmp_path / "refine.yaml"
+    config.write_text("model: segmenter\nencoder_lr_scale: 0.5\n")
+    from_yaml = cfg_of("--config", str(config))
+    assert from_yaml.model == "segmenter" and from_yaml.encoder_lr_scale == 0.5
+
+
+def test_encoder_checkpoint_fixes_the_encoder_shape(tmp_path, tiny_checkpoint, capsys):
+    from weakseg.tasks.classification import load_classifier
+
+    shape = load_classifier(tiny_checkpoint).model_config
+    args = ["--datadir", "d", "--output", "o", "--model", "segmenter", "--encoder_checkpoint", str(tiny_checkpoint)]
+    cfg = resolve_refine_config(build_parser().parse_args(["refine", *args]))
+    assert (cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == (
+        shape.patch_size, shape.embed_dim, shape.depth, shape.num_heads)
+    code = main(["refine", *args, "--embed_dim", str(shape.embed_dim * 2)])
+    err = capsys.readouterr().err
+    assert code != 0 and f"--embed_dim is {shape.embed_dim * 2}" in err and str(tiny_checkpoint) in err
+    code = main(["refine", "--datadir", "d", "--output", "o", "--model", "segmenter", "--encoder_checkpoint",
+                 str(tmp_path / "missing.ckpt")])
+    assert code != 0 and "missing.ckpt does not exist" in capsys.readouterr().err

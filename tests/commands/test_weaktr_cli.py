@@ -42,8 +42,15 @@ def test_weaktr_train_pseudomasks_evaluate(tiny_dfc: Path, tmp_path: Path, modal
     refined = tmp_path / "refine"  # WeakTr's phase 2: Segmenter with the gradient-clipping loss
     assert main(["refine", "--datadir", str(tiny_dfc), "--pseudomasks", str(masks), "--split", "validation:holdout",
                  "--eval_split", "test", "--model_checkpoint", str(ckpt), "--model", "segmenter", "--loss", "clip",
-                 "--embed_dim", "24", "--depth", "1", "--num_heads", "4", "--epochs", "1", "--output", str(refined),
-                 "--no-figures"]) == 0
+                 "--encoder_checkpoint", str(ckpt), "--epochs", "1", "--output", str(refined), "--no-figures"]) == 0
+    # the encoder took the WeakTr classifier's shape (and its S1 + S2 fusion)
+    import yaml
+
+    resolved = yaml.safe_load((refined / "config.yaml").read_text())["config"]
+    shape = load_classifier(ckpt).model_config
+    assert resolved["encoder_checkpoint"] == str(ckpt)
+    assert (resolved["embed_dim"], resolved["depth"], resolved["num_heads"]) == (shape.embed_dim, shape.depth,
+                                                                                 shape.num_heads)
     summary = json.loads((refined / "summary.json").read_text())
     assert summary["iterations"][1]["eval_scores"]["miou"] is not None
 

@@ -14,7 +14,9 @@ from weakseg.models.vit import GatedViT, ViTConfig
 def _model(**kw) -> GatedViT:
     torch.manual_seed(0)
     cfg = dict(img_size=(16, 16), patch_size=4, in_chans=3, embed_dim=16, depth=2, num_heads=2, num_classes=3)
-    return GatedViT(ViTConfig(**{**cfg, **kw})).eval()
+    from weakseg.models.weaktr import build_classifier
+
+    return build_classifier(ViTConfig(**{**cfg, **kw})).eval()
 
 
 def test_parse_scales():
@@ -46,7 +48,9 @@ def test_views_are_summed_at_the_output_size_and_flips_are_undone():
 
 
 @pytest.mark.parametrize("method,arch", [("gradcam", {}), ("class_attention", {"num_cls_tokens": 3,
-                                                                              "head_type": "per_class"})])
+                                                                              "head_type": "per_class"}),
+                                         ("weaktr", {"num_cls_tokens": 3, "head_type": "mean", "aaf": "v2",
+                                                     "final_norm": False})])
 def test_methods_run_at_several_scales_with_flip(method, arch):
     model = _model(**arch)
     images = torch.rand(2, 3, 16, 16)

@@ -110,3 +110,72 @@ def test_poly_schedule_is_weaktrs() -> None:
         sched.step()
     expected = [(0.01 - 1e-5) * (1 - t / 10) ** 0.9 + 1e-5 for t in range(11)]
     assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+# ---- the encoder from a weakseg classifier's backbone (--encoder_checkpoint) ------------------------------------
+def gated_classifier(**kw: object):
+    torch.manual_seed(1)
+    backbone = build_vit(img_size=(16, 16), patch_size=8, in_chans=3, embed_dim=16, depth=2, num_heads=4,
+                         num_classes=4, mlp_ratio=2.0, **kw)
+    with torch.no_grad():  # heads 1 and 3 of block 0 and head 0 of block 1 pruned, the rest open
+        backbone.blocks[0].attn.gate.log_alpha.copy_(torch.tensor([3.0, -3.0, 3.0, -3.0]).view(1, 4, 1, 1))
+        backbone.blocks[1].attn.gate.log_alpha.copy_(torch.tensor([-3.0, 3.0, 3.0, 3.0]).view(1, 4, 1, 1))
+        for p in backbone.parameters():  # non-trivial norms and biases too
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return backbone.eval()
+
+
+def test_classifier_backbone_gives_the_encoder_its_pruned_features() -> None:
+    from weakseg.models.segmenter import load_classifier_backbone
+
+    backbone = gated_classifier()
+    model = Segmenter(in_chans=3, num_classes=4, img_size=(16, 16), patch_size=8, embed_dim=16, depth=2,
+                      num_heads=4, mlp_ratio=2.0).eval()
+    loaded = load_classifier_backbone(model.encoder, backbone)
+    assert "blocks.0.attn.qkv.weight" in loaded["copied"] and "pos_embed" in loaded["copied"]
+    assert any("log_alpha" in k for k in loaded["skipped"]) and "head.weight" in loaded["skipped"]
+    proj = model.encoder.blocks[0].attn.proj.weight
+    assert (proj[:, 4:8] == 0).all() and (proj[:, 12:16] == 0).all()  # the closed heads' columns (head_dim 4)
+    torch.testing.assert_close(proj[:, 0:4], backbone.blocks[0].attn.proj.weight[:, 0:4])
+    # one-CLS gated ViT, tiles of its size: the ungated encoder computes exactly the classifier's eval features
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.forward_features(x).patches, backbone.forward_features(x).patches)
+    other = Segmenter(in_chans=3, num_classes=4, img_size=(24, 24), patch_size=8, embed_dim=16, depth=2,
+                      num_heads=4, mlp_ratio=2.0)
+    load_classifier_backbone(other.encoder, backbone)  # another tile size: the patch positions are resized
+    assert other.encoder.pos_embed.shape == (1, 1 + 9, 16) and other(x).shape == (2, 4, 16, 16)
+
+
+def test_class_token_backbone_starts_the_cls_token_at_their_mean_and_shapes_must_match() -> None:
+    from weakseg.errors import ConfigError
+    from weakseg.models.segmenter import load_classifier_backbone
+
+    backbone = gated_classifier(num_cls_tokens=4, head_type="per_class", num_register_tokens=1)
+    model = Segmenter(in_chans=3, num_classes=4, img_size=(16, 16), patch_size=8, embed_dim=16, depth=2,
+                      num_heads=4, mlp_ratio=2.0)
+    load_classifier_backbone(model.encoder, backbone)
+    torch.testing.assert_close(model.encoder.cls_token, backbone.cls_token.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(model.encoder.pos_embed[:, 0], backbone.pos_embed[:, :4].mean(dim=1))
+    torch.testing.assert_close(model.encoder.pos_embed[:, 1:], backbone.pos_embed[:, 5:])  # registers dropped
+    wide = Segmenter(in_chans=3, num_classes=4, img_size=(16, 16), patch_size=8, embed_dim=16, depth=2,
+                     num_heads=4)  # DeiT's MLP ratio 4, the classifier's is 2
+    with pytest.raises(ConfigError, match="mlp_ratio 2.0 but the encoder has 4.0"):
+        load_classifier_backbone(wide.encoder, backbone)
+
+
+def test_model_registry_and_sliding_window_settings_are_checked() -> None:
+    from weakseg.errors import ConfigError
+    from weakseg.models.segmenter import Segmenter as SegmenterClass
+    from weakseg.models.unet import UNet
+    from weakseg.tasks.segmentation import SEGMENTATION_MODELS, build_segmentation_model
+
+    assert list(SEGMENTATION_MODELS) == ["unet", "segmenter"]
+    assert isinstance(build_segmentation_model("unet", 3, 4, [4, 8], [24, 24], None), UNet)
+    seg = build_segmentation_model("segmenter", 3, 4, [4, 8], [24, 24], {"embed_dim": 16, "num_heads": 4})
+    assert isinstance(seg, SegmenterClass)
+    with pytest.raises(ConfigError, match="unknown segmentation model 'fcn'"):
+        build_segmentation_model("fcn", 3, 4, [4, 8], [24, 24], None)
+    with pytest.raises(ConfigError, match="stride 16 is larger than the window 8"):
+        SegmentationTask(in_chans=3, num_classes=4, window=8, stride=16)

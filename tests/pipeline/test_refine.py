@@ -669,6 +669,10 @@ class _FixedUNet(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits.expand(image.shape[0], -1, -1, -1)
 
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """What SegmentationTask.predict_probabilities gives for one view: the softmax of the logits."""
+        return self(image).softmax(dim=1)
+
 
 def test_label_weighting_multiplies_unet_and_classifier_probabilities() -> None:
     # 3 classes, 1 x 2 pixels. The UNet prefers class 0 on both; the classifier says class 0 is absent.

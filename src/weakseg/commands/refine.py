@@ -16,6 +16,13 @@ own softmax probability) is below it. ``--supervised`` trains the same UNet on t
 (the refined pseudomasks) with ``masks/confidence/``, ``eval_masks/``, ``scores.json`` per iteration and
 ``summary.json``, and ``figures/`` (``--no-figures`` to skip). Re-running skips finished iterations.
 
+``--model segmenter --loss clip`` is WeakTr's phase 2 (Segmenter with the gradient-clipping loss). The optimiser
+defaults are per model (:data:`weakseg.pipeline.refine.MODEL_RECIPES`): both train with AdamW 3e-3 and cosine
+decay, Segmenter's encoder at the full lr (measured from scratch); WeakTr's fine-tuning recipe for a pretrained
+encoder is ``--optimizer sgd --lr_schedule poly --learning_rate 1e-4 --encoder_lr_scale 0.1``. YAML and flags
+override either. ``--encoder_checkpoint`` starts Segmenter's encoder from a weakseg classifier's backbone (the
+encoder takes its patch size, width, depth and heads).
+
 Every setting is type- and range-checked (:data:`REFINE_CHECKS` via :func:`weakseg.config.resolve`), flags and
 YAML alike, before the classifier checkpoint or any data is read.
 """
@@ -50,7 +57,9 @@ from weakseg.pipeline.refine import (
     DEFAULT_LR_SCHEDULE,
     DEFAULT_MIN_CONFIDENCE,
     LR_SCHEDULES,
+    MODEL_RECIPES,
     RefineConfig,
+    model_recipe,
     refine,
 )
 
@@ -124,6 +133,7 @@ REFINE_CHECKS: dict[str, Check | list[Check]] = {
     "num_heads": at_least(1),
     "decoder_depth": at_least(0),
     "pretrained": non_empty,
+    "encoder_checkpoint": non_empty,
     "window": at_least(1),
     "stride": at_least(1),
     "predict_scales": [length(1, 8), each(positive())],
@@ -157,10 +167,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--iterations", type=int, help=f"refinement iterations after iteration 0 (default {DEFAULT_ITERATIONS})")
     p.add_argument("--epochs", type=int, help=f"training epochs per iteration (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch_size", type=int, help="training batch per device (default 16)")
-    p.add_argument("--learning_rate", type=float, help=f"AdamW learning rate (default {DEFAULT_LR:g})")
+    segmenter_recipe = MODEL_RECIPES["segmenter"]
+    p.add_argument("--learning_rate", type=float,
+                   help=f"base learning rate (default per --model: unet {DEFAULT_LR:g}, segmenter "
+                        f"{segmenter_recipe['lr']:g})")
     p.add_argument("--lr_schedule", choices=list(LR_SCHEDULES),
                    help=f"learning rate over each iteration: cosine decay to 0, poly (WeakTr's phase 2) or constant "
-                        f"(default {DEFAULT_LR_SCHEDULE})")
+                        f"(default per --model: unet {DEFAULT_LR_SCHEDULE}, segmenter {segmenter_recipe['lr_schedule']})")
     p.add_argument("--min_confidence", type=float,
                    help="in [0, 1]: target pixels whose confidence is below it are ignored by the loss, in "
                         "every iteration (iteration 1 reads <pseudomasks>/confidence/; a folder without it "
@@ -185,14 +198,21 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--clip_start", type=float, help="clip: no clipping while the batch-mean loss is above it (1.2)")
     g.add_argument("--clip_window", type=int,
                    help="clip: window side in pixels (default: a quarter of the tile side, WeakTr's 4 x 4 grid)")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd (Nesterov, momentum 0.9)")
-    g.add_argument("--encoder_lr_scale", type=float, help="segmenter: encoder learning-rate multiplier (0.1)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"],
+                   help="adamw (default) or sgd (Nesterov, momentum 0.9, no weight decay: WeakTr's phase 2 for a "
+                        "pretrained encoder)")
+    g.add_argument("--encoder_lr_scale", type=float,
+                   help=f"segmenter: encoder learning-rate multiplier (default {segmenter_recipe['encoder_lr_scale']:g}; "
+                        "WeakTr fine-tunes a pretrained encoder at 0.1)")
     g.add_argument("--patch_size", type=int, help="segmenter: encoder patch size (8)")
     g.add_argument("--embed_dim", type=int, help="segmenter: encoder width (96)")
     g.add_argument("--depth", type=int, help="segmenter: encoder blocks (4)")
     g.add_argument("--num_heads", type=int, help="segmenter: attention heads (6)")
     g.add_argument("--decoder_depth", type=int, help="segmenter: mask-transformer blocks (2)")
     g.add_argument("--pretrained", help="segmenter: local timm / DeiT / DINO ViT checkpoint for the encoder")
+    g.add_argument("--encoder_checkpoint",
+                   help="segmenter: a weakseg classifier checkpoint whose backbone initialises the encoder (its patch "
+                        "size, width, depth and heads become the encoder's; its pruned heads start switched off)")
     g.add_argument("--window", type=int, help="segmenter: sliding-window side for prediction (default: whole tile)")
     g.add_argument("--stride", type=int, help="segmenter: sliding-window stride (default: the window)")
     g.add_argument("--predict_scales", type=float, nargs="+",
@@ -238,10 +258,36 @@ def resolve_refine_config(args: argparse.Namespace) -> RefineConfig:
             raise ConfigError(f"refine needs {what} (--{flag})")
     checkpoint = getattr(args, "model_checkpoint", None)
     checkpoint_layer = {**checkpoint_data_settings(checkpoint), "classifier": str(checkpoint)} if checkpoint else {}
+    model = flags.get("model") or yaml_layer.get("model") or "unet"
+    encoder = flags.get("encoder_checkpoint") or yaml_layer.get("encoder_checkpoint")
+    encoder_layer = encoder_shape(Path(encoder), yaml_layer, yaml_source, flags) if encoder else {}
     base = {"pseudomasks": None}
-    return resolve(RefineConfig, base, checkpoint_layer, yaml_layer, flags, checks=REFINE_CHECKS,
-                   flag_names=_FIELD_TO_FLAG,
-                   source_names=["defaults", f"checkpoint {checkpoint}", yaml_source, flag_source])
+    return resolve(RefineConfig, base, model_recipe(model), checkpoint_layer, encoder_layer, yaml_layer, flags,
+                   checks=REFINE_CHECKS, flag_names=_FIELD_TO_FLAG,
+                   source_names=["defaults", f"the {model} recipe", f"checkpoint {checkpoint}",
+                                 f"encoder checkpoint {encoder}", yaml_source, flag_source])
+
+
+#: Segmenter settings an ``--encoder_checkpoint`` fixes (the classifier's ViTConfig fields of the same names).
+ENCODER_SHAPE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def encoder_shape(path: Path, yaml_layer: dict[str, Any], yaml_source: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The encoder shape of a classifier checkpoint (patch size, width, depth, heads), refusing a YAML or flag
+    value that contradicts it before anything runs."""
+    from weakseg.tasks import classification
+
+    if not path.is_file():
+        raise ConfigError(f"encoder checkpoint {path} does not exist (--encoder_checkpoint)")
+    config = classification.load_classifier(path).model_config
+    shape = {key: int(getattr(config, key)) for key in ENCODER_SHAPE_KEYS}
+    for layer, source in ((yaml_layer, yaml_source), (flags, FLAGS)):
+        for key, value in shape.items():
+            if key in layer and int(layer[key]) != value:
+                name = f"--{key}" if source == FLAGS else f"{key} ({source})"
+                raise ConfigError(f"{name} is {layer[key]} but the classifier of --encoder_checkpoint {path} has "
+                                  f"{key} {value}; an encoder initialised from it takes its shape")
+    return shape
 
 
 def run(args: argparse.Namespace) -> int:

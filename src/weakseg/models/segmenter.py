@@ -4,7 +4,8 @@ Strudel, Garcia, Laptev and Schmid, "Segmenter: Transformer for Semantic Segment
 by WeakTr (Zhu et al., IEEE TIP; ``weaktr.md`` section 4). The encoder is weakseg's
 :class:`~weakseg.models.vit.GatedViT` without gates, with the final LayerNorm, its prefix tokens dropped before
 decoding; its state-dict names stay timm's under ``encoder.``, so a DeiT / timm / DINO checkpoint initialises it
-(:func:`weakseg.models.pretrained.load_pretrained`).
+(:func:`weakseg.models.pretrained.load_pretrained`), and so does a weakseg classifier's backbone
+(:func:`load_classifier_backbone`).
 
 Decoder (per image, N patch tokens of width D, K classes):
 
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weakseg.models.vit import Block, GatedViT, ViTConfig
+from weakseg.errors import ConfigError
+from weakseg.models.vit import Block, GatedViT, ViTConfig, interpolate_patch_positions
 
 
 class MaskTransformer(nn.Module):
@@ -69,16 +71,24 @@ class Segmenter(nn.Module):
         img_size: the tile size the position embeddings are made for (other sizes interpolate them).
         patch_size, embed_dim, depth, num_heads: the encoder (WeakTr: DeiT-S, 16 / 384 / 12 / 6).
         decoder_depth: mask-transformer blocks (WeakTr: 2).
+        mlp_ratio, qkv_bias: the encoder's MLP width and qkv bias (DeiT's 4 and True).
+        s1_chans, fusion: Sentinel-1 channels and their early fusion (:class:`~weakseg.models.vit.ViTConfig`;
+            default one patch embedding over all channels).
+
+    A weakseg classifier's backbone initialising the encoder (:func:`load_classifier_backbone`) gives its own
+    ``mlp_ratio``, ``qkv_bias``, ``s1_chans`` and ``fusion``.
     """
 
     def __init__(self, in_chans: int, num_classes: int, img_size: tuple[int, int] = (64, 64), patch_size: int = 8,
-                 embed_dim: int = 96, depth: int = 4, num_heads: int = 6, decoder_depth: int = 2) -> None:
+                 embed_dim: int = 96, depth: int = 4, num_heads: int = 6, decoder_depth: int = 2,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, s1_chans: int = 0, fusion: str = "concat") -> None:
         super().__init__()
         p = patch_size
         size = tuple(max(p, math.ceil(s / p) * p) for s in img_size)
         self.encoder = GatedViT(ViTConfig(img_size=size, patch_size=p, in_chans=in_chans, embed_dim=embed_dim,
-                                          depth=depth, num_heads=num_heads, mlp_ratio=4.0, num_classes=num_classes,
-                                          gated=False, final_norm=True))
+                                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                          s1_chans=s1_chans, fusion=fusion, num_classes=num_classes, gated=False,
+                                          final_norm=True))
         self.encoder.head = nn.Identity()  # no classifier head: the decoder reads the patch tokens
         self.decoder = MaskTransformer(embed_dim, num_classes, decoder_depth, num_heads)
         self.patch_size = p
@@ -96,6 +106,60 @@ class Segmenter(nn.Module):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
+
+
+#: Settings of a classifier backbone that must equal the encoder's (refine flag in brackets where there is one).
+_BACKBONE_SHAPE = (("patch_size", "--patch_size"), ("embed_dim", "--embed_dim"), ("depth", "--depth"),
+                   ("num_heads", "--num_heads"), ("in_chans", "the input channels"), ("mlp_ratio", "mlp_ratio"),
+                   ("qkv_bias", "qkv_bias"), ("s1_chans", "the Sentinel-1 channels"), ("fusion", "fusion"))
+
+
+@torch.no_grad()
+def load_classifier_backbone(encoder: GatedViT, backbone: GatedViT) -> dict[str, list[str]]:
+    """Initialise Segmenter's ``encoder`` from a weakseg classifier's ``backbone`` (``weakseg refine
+    --encoder_checkpoint``): at the start the encoder computes the classifier's patch features, exactly for a
+    one-CLS ViT without registers (with class tokens or registers the prefix tokens differ, see below).
+
+    Same-named tensors of the same shape are copied (patch embedding, blocks, final norm); the classifier's head,
+    gates, WeakTr heads and register tokens have no place in the encoder and are left out. Adapted:
+
+    - prefix: the encoder has one CLS token; it starts as the mean of the classifier's class tokens (the CLS token
+      itself for a one-CLS ViT), and its position as the mean of theirs;
+    - ``pos_embed``'s patch part is interpolated to the encoder's grid (bicubic, as at other input sizes);
+    - pruning: a head the classifier's gates close (its evaluation state) is switched off in the ungated encoder
+      by zeroing its columns of the block's output projection (what the gate's 0 does); training may then
+      reopen the head. Register tokens are dropped.
+
+    Raises:
+        ConfigError: a backbone of another patch size, width, depth, heads, channels or MLP ratio.
+
+    Returns:
+        ``{"copied": [...], "skipped": [...]}`` tensor names.
+    """
+    src_cfg, dst_cfg = backbone.cfg, encoder.cfg
+    for name, flag in _BACKBONE_SHAPE:
+        if getattr(src_cfg, name) != getattr(dst_cfg, name):
+            raise ConfigError(f"the classifier backbone (--encoder_checkpoint) has {name} {getattr(src_cfg, name)} "
+                              f"but the encoder has {getattr(dst_cfg, name)} ({flag}); an encoder initialised from "
+                              "a classifier takes its shape")
+    src = backbone.state_dict()
+    own = encoder.state_dict()
+    T = src_cfg.num_cls_tokens
+    patches = interpolate_patch_positions(src["pos_embed"][:, src_cfg.num_prefix_tokens:], src_cfg.grid_size,
+                                          dst_cfg.grid_size)
+    src["pos_embed"] = torch.cat([src["pos_embed"][:, :T].mean(dim=1, keepdim=True), patches], dim=1)
+    src["cls_token"] = src["cls_token"].mean(dim=1, keepdim=True)
+    head_dim = dst_cfg.embed_dim // dst_cfg.num_heads
+    for block, kept in enumerate(backbone.head_mask()):
+        key = f"blocks.{block}.attn.proj.weight"
+        weight = src[key].clone()
+        for head in (~kept).nonzero().flatten().tolist():
+            weight[:, head * head_dim:(head + 1) * head_dim] = 0
+        src[key] = weight
+    copied = [k for k in own if k in src and src[k].shape == own[k].shape]
+    encoder.load_state_dict({**own, **{k: src[k] for k in copied}})
+    skipped = sorted(k for k in src if k not in copied)
+    return {"copied": copied, "skipped": skipped}
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:

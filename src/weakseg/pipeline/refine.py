@@ -123,6 +123,28 @@ DEFAULT_LR_SCHEDULE = "cosine"
 #: mIoU of the label-weighted UNet (54.6 -> 53.3; paired +1.3 ± 1.2 for one, 3 seeds, ``benchmarks/defaults.py``).
 DEFAULT_ITERATIONS = 1
 LR_SCHEDULES = ("constant", "cosine", "poly")
+#: Training recipe of each ``--model`` (optimizer, lr, lr_schedule, encoder_lr_scale): the defaults ``weakseg
+#: refine`` uses for that model when neither YAML nor a flag sets them. The UNet's is the measured recipe above.
+#: Segmenter's is the one measured from scratch on the quality benchmark's WeakTr masks
+#: (``benchmarks/weaktr_phase2.py``, README "WeakTr's phase 2"): the UNet's AdamW 3e-3 with cosine decay and the
+#: encoder at the full lr. WeakTr's own phase-2 recipe (``weaktr.md`` 4.2: SGD with Nesterov momentum 0.9, base lr
+#: 1e-4, encoder x 0.1, poly decay) fine-tunes an ImageNet DeiT-S; with ``--pretrained`` give it as flags
+#: (``--optimizer sgd --lr_schedule poly --learning_rate 1e-4 --encoder_lr_scale 0.1``): from scratch it learns
+#: next to nothing in 30 epochs.
+MODEL_RECIPES: dict[str, dict[str, Any]] = {
+    "unet": {"optimizer": "adamw", "lr": DEFAULT_LR, "lr_schedule": DEFAULT_LR_SCHEDULE},
+    "segmenter": {"optimizer": "adamw", "lr": DEFAULT_LR, "lr_schedule": DEFAULT_LR_SCHEDULE,
+                  "encoder_lr_scale": 1.0},
+}
+
+
+def model_recipe(model: str) -> dict[str, Any]:
+    """A copy of :data:`MODEL_RECIPES` ``[model]`` (RefineConfig fields)."""
+    if model not in MODEL_RECIPES:
+        raise ConfigError(f"unknown model {model!r} (--model); choose from {list(MODEL_RECIPES)}")
+    return dict(MODEL_RECIPES[model])
+
+
 #: Target pixels with a confidence below this are ignored by the loss; the CLI flag shares this default. 0.0 keeps
 #: every pixel: with label weighting, ignoring the pixels below 0.1, 0.2 or 0.3 of the class-attention margin
 #: (23-44 % of them) did not raise the holdout mIoU beyond the seed spread (paired differences against 0:
@@ -170,7 +192,11 @@ class RefineConfig:
         figure_tiles: tiles of ``split`` in the panels (a fixed seeded sample).
         model: ``"unet"`` (the default for tiles) or ``"segmenter"`` (WeakTr's phase 2: a ViT encoder of
             ``patch_size`` / ``embed_dim`` / ``depth`` / ``num_heads``, optionally from a local timm / DeiT checkpoint
-            ``pretrained``, and a mask transformer of ``decoder_depth`` blocks; :mod:`weakseg.models.segmenter`).
+            ``pretrained`` or from a weakseg classifier checkpoint's backbone ``encoder_checkpoint``, and a mask
+            transformer of ``decoder_depth`` blocks; :mod:`weakseg.models.segmenter`). The optimiser settings'
+            defaults here are the UNet's; ``weakseg refine`` puts the chosen model's recipe
+            (:data:`MODEL_RECIPES`, :func:`model_recipe`) under the YAML and flag values, and a caller building
+            the config in code passes ``**model_recipe("segmenter")`` for the same.
         loss: ``"ce"`` (cross-entropy ignoring 255) or ``"clip"`` (WeakTr's gradient-clipping loss with
             ``clip_start`` and ``clip_window``; :mod:`weakseg.tasks.losses`).
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (Nesterov, momentum 0.9, no weight decay: WeakTr's phase 2,
@@ -218,6 +244,7 @@ class RefineConfig:
     num_heads: int = 6
     decoder_depth: int = 2
     pretrained: str | None = None
+    encoder_checkpoint: str | None = None
     window: int | None = None
     stride: int | None = None
     predict_scales: list[float] = field(default_factory=lambda: [1.0])
@@ -392,7 +419,8 @@ class LabelWeightedSegmenter(L.LightningModule):
         self.label_probs = label_probs
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        soft = self.task(batch["image"]).softmax(dim=1)  # (B, K, H, W)
+        # The task's own prediction views (sliding window, scales, flip): the same softmax it predicts alone.
+        soft = self.task.predict_probabilities(batch["image"])  # (B, K, H, W)
         probs = torch.as_tensor(np.stack([self.label_probs[i] for i in batch["id"]]), device=soft.device)  # (B, K)
         weighted = soft * probs[:, :, None, None].to(soft.dtype)
         value, pred = weighted.max(dim=1)  # (B, H, W)
@@ -549,11 +577,25 @@ def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: d
 
 def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
                             tile_size: Sequence[int]) -> SegmentationTask:
-    """The segmentation task of ``cfg`` (UNet or Segmenter, CE or clipping loss), for tiles of ``tile_size``."""
+    """The segmentation task of ``cfg`` (UNet or Segmenter, CE or clipping loss), for tiles of ``tile_size``.
+
+    Segmenter's encoder is initialised from ``pretrained`` (a timm / DeiT / DINO file,
+    :func:`weakseg.models.pretrained.load_pretrained`) or ``encoder_checkpoint`` (a weakseg classifier's backbone,
+    :func:`weakseg.models.segmenter.load_classifier_backbone`; the encoder then takes its MLP ratio, qkv bias and
+    Sentinel-1 fusion).
+    """
     segmenter = None
+    backbone = None
     if cfg.model == "segmenter":
         segmenter = {"patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
                      "num_heads": cfg.num_heads, "decoder_depth": cfg.decoder_depth}
+        if cfg.encoder_checkpoint:
+            from weakseg.tasks.classification import load_classifier
+
+            backbone = load_classifier(Path(cfg.encoder_checkpoint)).model
+            shape = backbone.cfg
+            segmenter.update(mlp_ratio=float(shape.mlp_ratio), qkv_bias=bool(shape.qkv_bias),
+                             s1_chans=int(shape.s1_chans), fusion=str(shape.fusion))
     task = SegmentationTask(
         in_chans=channels, num_classes=num_classes, widths=list(cfg.widths), lr=cfg.lr, lr_schedule=cfg.lr_schedule,
         model=cfg.model, segmenter=segmenter, tile_size=list(tile_size), loss=cfg.loss, clip_start=cfg.clip_start,
@@ -565,6 +607,12 @@ def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
         from weakseg.models.pretrained import load_pretrained
 
         load_pretrained(task.model.encoder, Path(cfg.pretrained))
+    if backbone is not None:
+        from weakseg.models.segmenter import load_classifier_backbone
+
+        loaded = load_classifier_backbone(task.model.encoder, backbone)
+        log.info("Segmenter encoder from the backbone of %s: %d tensors copied, left out %s", cfg.encoder_checkpoint,
+                 len(loaded["copied"]), loaded["skipped"])
     return task
 
 
@@ -601,8 +649,17 @@ def _validate(cfg: RefineConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
     if cfg.loss not in SEGMENTATION_LOSSES:
         raise ConfigError(f"unknown loss {cfg.loss!r} (--loss); choose from {list(SEGMENTATION_LOSSES)}")
-    if cfg.pretrained and cfg.model != "segmenter":
-        raise ConfigError("--pretrained initialises Segmenter's ViT encoder: it needs --model segmenter")
+    for name in ("pretrained", "encoder_checkpoint"):
+        path = getattr(cfg, name)
+        if path and cfg.model != "segmenter":
+            raise ConfigError(f"--{name} initialises Segmenter's ViT encoder: it needs --model segmenter")
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name} checkpoint {path} does not exist (--{name})")
+    if cfg.pretrained and cfg.encoder_checkpoint:
+        raise ConfigError("--pretrained and --encoder_checkpoint both initialise the encoder: give one")
+    if cfg.window is not None and cfg.stride is not None and cfg.stride > cfg.window:
+        raise ConfigError(f"--stride {cfg.stride} is larger than --window {cfg.window}: pixels between the windows "
+                          "would get no prediction")
     if cfg.model == "segmenter" and cfg.embed_dim % cfg.num_heads:
         raise ConfigError(f"--embed_dim {cfg.embed_dim} is not divisible by --num_heads {cfg.num_heads}")
 

@@ -5,7 +5,10 @@ CVPRW 2023, refine their attention pseudomasks by "multiple stages of supervised
 model, utilizing the pseudomasks generated in the previous iteration as supervision". The paper publishes no
 settings; the project defaults (reference ``sparse_vit.md`` section 5) are a standard UNet
 (:class:`weakseg.models.unet.UNet`), cross-entropy with ignore index 255, AdamW with lr 1e-3, and the UNet's
-argmax as the next pseudomask.
+argmax as the next pseudomask. WeakTr's phase 2 (Zhu et al., IEEE TIP; ``weaktr.md`` 4) is the other network and
+loss of the same task: Segmenter (``model="segmenter"``, :mod:`weakseg.models.segmenter`) and the
+gradient-clipping loss (``loss="clip"``, :mod:`weakseg.tasks.losses`), with SGD and the poly schedule; the
+networks are a registry (:data:`SEGMENTATION_MODELS`), so training and prediction never name one.
 
 Batches are dataset-sample dicts collated by the default collate function: ``image`` float (B, C, H, W),
 ``mask`` int64 (B, H, W) with 255 = ignore (unlabelled pixels of a pseudomask, or no-data in ground truth)
@@ -13,13 +16,14 @@ and, for prediction, ``id`` (list of B strings).
 
 Logged values (``batch_size=`` always the true batch size, defect 17 of the original code):
 ``train_loss`` (per step and epoch), ``val_loss``, ``val_acc`` (pixel accuracy over non-ignored pixels) and
-``val_mIoU``. Names use ``_`` rather than ``/`` so they can appear in ``ModelCheckpoint`` file-name templates.
+``val_mIoU``; with the clipping loss also ``train_clip_mu`` (the detached batch-mean loss mu) and
+``train_clipped_fraction`` (labelled pixels whose loss was clipped), per step and epoch. Names use ``_`` rather than ``/`` so they can appear in ``ModelCheckpoint`` file-name templates.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -36,8 +40,6 @@ from weakseg.models.unet import DEFAULT_WIDTHS, UNet
 from weakseg.tasks.losses import DEFAULT_CLIP_START, gradient_clipping_loss, masked_cross_entropy
 
 LRSchedule = Literal["constant", "cosine", "poly"]
-#: The segmentation networks of ``weakseg refine --model``.
-SEGMENTATION_MODELS: tuple[str, ...] = ("unet", "segmenter")
 #: ``--loss``: cross-entropy ignoring 255, or WeakTr's gradient-clipping loss (:mod:`weakseg.tasks.losses`).
 SEGMENTATION_LOSSES: tuple[str, ...] = ("ce", "clip")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
@@ -45,14 +47,37 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 POLY_MIN_LR = 1e-5
 
 
+def _build_unet(in_chans: int, num_classes: int, widths: Sequence[int], tile_size: Sequence[int],
+                settings: dict[str, Any]) -> torch.nn.Module:
+    """A UNet of ``widths`` that pads tiles to its size divisor (by reflection) and crops the logits back."""
+    return UNet(in_chans=in_chans, num_classes=num_classes, widths=widths, pad_input=True, **settings)
+
+
+def _build_segmenter(in_chans: int, num_classes: int, widths: Sequence[int], tile_size: Sequence[int],
+                     settings: dict[str, Any]) -> torch.nn.Module:
+    """Segmenter (ViT encoder + mask transformer) for tiles of ``tile_size``; ``settings`` its encoder and decoder
+    sizes (:class:`~weakseg.models.segmenter.Segmenter`)."""
+    return Segmenter(in_chans, num_classes, img_size=tuple(tile_size), **settings)
+
+
+#: The segmentation networks of ``weakseg refine --model``, by name: ``build(in_chans, num_classes, widths,
+#: tile_size, settings) -> nn.Module`` mapping (B, C, H, W) images of any size to (B, K, H, W) logits. A network
+#: with an ``encoder_parameters()`` method gets ``encoder_lr_scale`` on those parameters. Adding a network here is
+#: all the task and the refine pipeline need (training, prediction, resume and scoring do not name the network).
+SEGMENTATION_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
+    "unet": _build_unet,
+    "segmenter": _build_segmenter,
+}
+
+
 def build_segmentation_model(name: str, in_chans: int, num_classes: int, widths: Sequence[int],
                              tile_size: Sequence[int], segmenter: dict[str, Any] | None) -> torch.nn.Module:
-    """The network ``name`` of :data:`SEGMENTATION_MODELS` (a UNet padding tiles to its divisor, or Segmenter)."""
-    if name == "unet":
-        return UNet(in_chans=in_chans, num_classes=num_classes, widths=widths, pad_input=True)
-    if name == "segmenter":
-        return Segmenter(in_chans, num_classes, img_size=tuple(tile_size), **(segmenter or {}))
-    raise ConfigError(f"unknown segmentation model {name!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
+    """The network ``name`` of :data:`SEGMENTATION_MODELS`; ``segmenter`` holds Segmenter's settings (ignored by
+    the UNet, whose only setting is ``widths``)."""
+    if name not in SEGMENTATION_MODELS:
+        raise ConfigError(f"unknown segmentation model {name!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
+    settings = dict(segmenter or {}) if name == "segmenter" else {}
+    return SEGMENTATION_MODELS[name](in_chans, num_classes, widths, tile_size, settings)
 
 
 class SegmentationTask(L.LightningModule):
@@ -126,6 +151,13 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(f"unknown loss {loss!r} (--loss); choose from {list(SEGMENTATION_LOSSES)}")
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
+        if window is not None and window < 1 or stride is not None and stride < 1:
+            raise ConfigError(f"sliding window {window} and stride {stride} must be at least 1 (--window, --stride)")
+        if window is not None and stride is not None and stride > window:
+            raise ConfigError(f"sliding-window stride {stride} is larger than the window {window}: pixels between "
+                              "windows would get no prediction (--stride <= --window)")
+        if not scales or any(not v > 0 for v in scales):
+            raise ConfigError(f"prediction scales must be positive, got {list(scales)} (--predict_scales)")
         widths = [int(w) for w in widths]  # a list, so the saved hparams are plain YAML
         tile_size = [int(v) for v in tile_size]
         scales = [float(v) for v in scales]
@@ -168,8 +200,9 @@ class SegmentationTask(L.LightningModule):
             self._check_mask(mask, batch)
             loss, stats = gradient_clipping_loss(self(image), mask, float(self.hparams.clip_start),
                                                  self.hparams.clip_window)
-            self.log("train_clip_mu", stats["mu"], on_step=False, on_epoch=True, batch_size=mask.shape[0])
-            self.log("train_clipped_fraction", stats["clipped"], on_step=False, on_epoch=True,
+            # Every step's mu and clipped share (``*_step`` columns of metrics.csv) and their epoch means.
+            self.log("train_clip_mu", stats["mu"], on_step=True, on_epoch=True, batch_size=mask.shape[0])
+            self.log("train_clipped_fraction", stats["clipped"], on_step=True, on_epoch=True,
                      batch_size=mask.shape[0])
         else:
             loss, _, mask = self._shared_step(batch)
