@@ -171,7 +171,7 @@ def test_model_registry_and_sliding_window_settings_are_checked() -> None:
     from weakseg.models.unet import UNet
     from weakseg.tasks.segmentation import SEGMENTATION_MODELS, build_segmentation_model
 
-    assert list(SEGMENTATION_MODELS) == ["unet", "segmenter"]
+    assert list(SEGMENTATION_MODELS) == ["unet", "segmenter", "vit_linear", "setr_naive", "setr_pup"]
     assert isinstance(build_segmentation_model("unet", 3, 4, [4, 8], [24, 24], None), UNet)
     seg = build_segmentation_model("segmenter", 3, 4, [4, 8], [24, 24], {"embed_dim": 16, "num_heads": 4})
     assert isinstance(seg, SegmenterClass)

@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudomasks": ("pseudomasks", "generate pseudomasks from a trained classifier"),
     "evaluate": ("evaluate", "score prediction folders against ground-truth masks (OA, AA, mIoU, per-class IoU)"),
     "refine": ("refine", "refine pseudomasks with a UNet (or train the fully supervised upper bound)"),
+    "pretrain": ("pretrain", "self-supervised Barlow Twins pretraining of the ViT on unlabelled tiles"),
+    "attention": ("attention", "per-head attention maps of a checkpoint (60 % mass outlines, pruned heads) as PNGs"),
+    "erf": ("erf", "effective receptive fields of a ViT or UNet checkpoint over depth, as one PNG"),
 }
 
 

@@ -23,6 +23,15 @@ encoder is ``--optimizer sgd --lr_schedule poly --learning_rate 1e-4 --encoder_l
 override either. ``--encoder_checkpoint`` starts Segmenter's encoder from a weakseg classifier's backbone (the
 encoder takes its patch size, width, depth and heads).
 
+``--model vit_linear``, ``setr_naive`` or ``setr_pup`` put a head on the patch tokens of the same ViT encoder
+(:mod:`weakseg.models.seg_heads`; Zheng et al., SETR, CVPR 2021): a per-token linear map to its p x p block, SETR's
+naive 1x1-conv decoder, or SETR's progressive upsampling (patch size a power of two). They take the encoder flags,
+``--pretrained`` and ``--encoder_checkpoint`` as Segmenter does; ``--freeze_encoder`` trains the head (or
+Segmenter's decoder) only, with the encoder in eval mode, e.g. a linear probe of a pretrained encoder::
+
+    weakseg refine --datadir DATA --supervised --output runs/probe --model vit_linear --freeze_encoder \\
+        --encoder_checkpoint runs/train/checkpoints/best.ckpt
+
 Every setting is type- and range-checked (:data:`REFINE_CHECKS` via :func:`weakseg.config.resolve`), flags and
 YAML alike, before the classifier checkpoint or any data is read.
 """
@@ -62,6 +71,7 @@ from weakseg.pipeline.refine import (
     model_recipe,
     refine,
 )
+from weakseg.tasks.segmentation import SEGMENTATION_MODELS, VIT_ENCODER_MODELS
 
 #: Keys of a classifier's ``data_config`` that the refinement reuses.
 CHECKPOINT_DATA_KEYS = ("dataset", "modality", "normalization", "band_stats")
@@ -121,7 +131,7 @@ REFINE_CHECKS: dict[str, Check | list[Check]] = {
     "min_confidence": between(0, 1),
     "classifier": non_empty,
     "figure_tiles": at_least(1),
-    "model": one_of(["unet", "segmenter"]),
+    "model": one_of(list(SEGMENTATION_MODELS)),
     "loss": one_of(["ce", "clip"]),
     "clip_start": positive(),
     "clip_window": at_least(1),
@@ -190,9 +200,12 @@ def add_parser(subparsers: Any) -> None:
                         "per iteration (default on; --no-figures skips them)")
     p.add_argument("--figure_tiles", type=int, help="tiles drawn in the panels (default 4, a fixed seeded sample)")
     g = p.add_argument_group("network and loss (WeakTr's phase 2: --model segmenter --loss clip --optimizer sgd "
-                             "--lr_schedule poly)")
-    g.add_argument("--model", choices=["unet", "segmenter"],
-                   help="segmentation network: unet (default) or segmenter (ViT encoder + mask transformer)")
+                             "--lr_schedule poly; ViT models: " + ", ".join(VIT_ENCODER_MODELS) + ")")
+    g.add_argument("--model", choices=list(SEGMENTATION_MODELS),
+                   help="segmentation network: unet (default), segmenter (ViT encoder + mask transformer), or a head "
+                        "on the ViT encoder's patch tokens: vit_linear (linear per token -> its p x p block), "
+                        "setr_naive (SETR: 1x1 conv, BN, ReLU, 1x1 conv, bilinear up), setr_pup (SETR's progressive "
+                        "upsampling: log2(patch size) stages of 3x3 conv, BN, ReLU, x2 up)")
     g.add_argument("--loss", choices=["ce", "clip"],
                    help="ce: cross-entropy ignoring 255 (default); clip: WeakTr's gradient-clipping loss")
     g.add_argument("--clip_start", type=float, help="clip: no clipping while the batch-mean loss is above it (1.2)")
@@ -202,19 +215,22 @@ def add_parser(subparsers: Any) -> None:
                    help="adamw (default) or sgd (Nesterov, momentum 0.9, no weight decay: WeakTr's phase 2 for a "
                         "pretrained encoder)")
     g.add_argument("--encoder_lr_scale", type=float,
-                   help=f"segmenter: encoder learning-rate multiplier (default {segmenter_recipe['encoder_lr_scale']:g}; "
-                        "WeakTr fine-tunes a pretrained encoder at 0.1)")
-    g.add_argument("--patch_size", type=int, help="segmenter: encoder patch size (8)")
-    g.add_argument("--embed_dim", type=int, help="segmenter: encoder width (96)")
-    g.add_argument("--depth", type=int, help="segmenter: encoder blocks (4)")
-    g.add_argument("--num_heads", type=int, help="segmenter: attention heads (6)")
+                   help="ViT models: encoder learning-rate multiplier (default "
+                        f"{segmenter_recipe['encoder_lr_scale']:g}; WeakTr fine-tunes a pretrained encoder at 0.1)")
+    g.add_argument("--freeze_encoder", action=bool_flag,
+                   help="ViT models: train the decoder / head only; the encoder is not trained and stays in eval "
+                        "mode (a linear probe with vit_linear) (off)")
+    g.add_argument("--patch_size", type=int, help="ViT models: encoder patch size (8; setr_pup: a power of two)")
+    g.add_argument("--embed_dim", type=int, help="ViT models: encoder width (96)")
+    g.add_argument("--depth", type=int, help="ViT models: encoder blocks (4)")
+    g.add_argument("--num_heads", type=int, help="ViT models: attention heads (6)")
     g.add_argument("--decoder_depth", type=int, help="segmenter: mask-transformer blocks (2)")
-    g.add_argument("--pretrained", help="segmenter: local timm / DeiT / DINO ViT checkpoint for the encoder")
+    g.add_argument("--pretrained", help="ViT models: local timm / DeiT / DINO ViT checkpoint for the encoder")
     g.add_argument("--encoder_checkpoint",
-                   help="segmenter: a weakseg classifier checkpoint whose backbone initialises the encoder (its patch "
+                   help="ViT models: a weakseg classifier checkpoint whose backbone initialises the encoder (its patch "
                         "size, width, depth and heads become the encoder's; its pruned heads start switched off)")
-    g.add_argument("--window", type=int, help="segmenter: sliding-window side for prediction (default: whole tile)")
-    g.add_argument("--stride", type=int, help="segmenter: sliding-window stride (default: the window)")
+    g.add_argument("--window", type=int, help="ViT models: sliding-window side for prediction (default: whole tile)")
+    g.add_argument("--stride", type=int, help="ViT models: sliding-window stride (default: the window)")
     g.add_argument("--predict_scales", type=float, nargs="+",
                    help="prediction scales whose softmax is averaged (default 1)")
     g.add_argument("--predict_flip", action=bool_flag, help="add each prediction scale's flipped view (off)")
@@ -268,7 +284,7 @@ def resolve_refine_config(args: argparse.Namespace) -> RefineConfig:
                                  f"encoder checkpoint {encoder}", yaml_source, flag_source])
 
 
-#: Segmenter settings an ``--encoder_checkpoint`` fixes (the classifier's ViTConfig fields of the same names).
+#: ViT-encoder settings an ``--encoder_checkpoint`` fixes (the classifier's ViTConfig fields of the same names).
 ENCODER_SHAPE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 

@@ -116,6 +116,11 @@ def load_pretrained(model: GatedViT, path: Path, num_prefix_tokens: int | None =
     own = model.state_dict()
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
         raise ConfigError(f"{path} is not a ViT checkpoint in timm's layout (no patch_embed.proj.weight / pos_embed)")
+    kernel = sd["patch_embed.proj.weight"]
+    if kernel.ndim != 4 or kernel.shape[-1] != kernel.shape[-2] or kernel.shape[-1] < 1:
+        raise ConfigError(f"{path}: its patch embedding patch_embed.proj.weight has shape {tuple(kernel.shape)}, "
+                          "not a square (D, C, p, p) convolution kernel: its patch size cannot be adapted to the "
+                          f"model's {cfg.patch_size} (--patch_size)")
     src_dim = sd["patch_embed.proj.weight"].shape[0]
     if src_dim != cfg.embed_dim:
         raise ConfigError(f"{path} has embed_dim {src_dim} but the model has {cfg.embed_dim} (--embed_dim)")
@@ -141,7 +146,22 @@ def load_pretrained(model: GatedViT, path: Path, num_prefix_tokens: int | None =
         elif sd[k].shape != own[k].shape:
             skipped.append(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}")
             del sd[k]
+    blocks_skipped = [k for k in skipped if k.startswith("blocks.") and "->" in k]
+    if blocks_skipped:
+        log.warning("warning: %s: %d transformer tensors have another shape than the model's and keep their random "
+                    "init (e.g. %s): give the checkpoint's --mlp_ratio / qkv bias", path, len(blocks_skipped),
+                    blocks_skipped[0])
     missing, _ = model.load_state_dict(sd, strict=False)
     not_gates = [k for k in missing if not k.endswith("log_alpha")]
     log.info("loaded %s: %d tensors; kept init for %s; skipped %s", path, len(sd), not_gates, skipped)
     return {"missing": list(missing), "skipped": skipped}
+
+
+def checkpoint_block_shape(path: Path) -> dict[str, Any]:
+    """The MLP ratio and qkv bias of a timm-layout checkpoint's blocks (``blocks.0.mlp.fc1``, ``attn.qkv.bias``),
+    so an encoder built for it takes every tensor (``weakseg refine --pretrained``)."""
+    sd = read_state_dict(Path(path))
+    fc1, qkv = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.attn.qkv.weight")
+    if fc1 is None or qkv is None:
+        raise ConfigError(f"{path} is not a ViT checkpoint in timm's layout (no blocks.0.mlp.fc1 / attn.qkv)")
+    return {"mlp_ratio": fc1.shape[0] / fc1.shape[1], "qkv_bias": "blocks.0.attn.qkv.bias" in sd}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakseg.errors import ConfigError
-from weakseg.models.vit import Block, GatedViT, ViTConfig, interpolate_patch_positions
+from weakseg.models.vit import BackboneOutput, Block, GatedViT, ViTConfig, interpolate_patch_positions
 
 
 class MaskTransformer(nn.Module):
@@ -63,7 +63,72 @@ class MaskTransformer(nn.Module):
         return masks.transpose(1, 2).reshape(B, self.num_classes, *grid)
 
 
-class Segmenter(nn.Module):
+def build_vit_encoder(in_chans: int, num_classes: int, img_size: tuple[int, int], patch_size: int, embed_dim: int,
+                      depth: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, s1_chans: int = 0,
+                      fusion: str = "concat") -> GatedViT:
+    """The ViT encoder of every ViT-encoder segmentation network (Segmenter, :mod:`weakseg.models.seg_heads`):
+    a :class:`~weakseg.models.vit.GatedViT` without gates, with the final LayerNorm and no classifier head
+    (``head = Identity``), its position embeddings made for ``img_size`` rounded up to patch multiples (at least
+    one patch); state-dict names are timm's, so :func:`~weakseg.models.pretrained.load_pretrained` and
+    :func:`load_classifier_backbone` initialise it."""
+    p = patch_size
+    size = tuple(max(p, math.ceil(s / p) * p) for s in img_size)
+    encoder = GatedViT(ViTConfig(img_size=size, patch_size=p, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, s1_chans=s1_chans,
+                                 fusion=fusion, num_classes=num_classes, gated=False, final_norm=True))
+    encoder.head = nn.Identity()  # no classifier head: the decoder / head reads the patch tokens
+    return encoder
+
+
+def pad_to_patches(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) zero-padded at the bottom and right to multiples of ``patch_size`` (WeakTr's phase 2); the
+    caller crops its logits back to (H, W)."""
+    H, W = x.shape[-2:]
+    pad_h, pad_w = (-H) % patch_size, (-W) % patch_size
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+class ViTEncoderNetwork(nn.Module):
+    """Base of the segmentation networks on a ViT encoder (:func:`build_vit_encoder`): ``encoder``,
+    ``patch_size``, :meth:`encoder_parameters` (their own learning rate, ``encoder_lr_scale``) and
+    ``freeze_encoder``: the encoder's parameters get ``requires_grad=False`` and the encoder stays in eval mode
+    when the network is put in training mode, so only the decoder / head trains (a linear probe of the encoder's
+    features when the head is linear; ``ssl_vit.md`` section 5: RecvisProject's default).
+
+    Subclasses set ``self.encoder`` with :meth:`_init_encoder` and read the patch tokens with :meth:`encode`.
+    """
+
+    encoder: GatedViT
+
+    def _init_encoder(self, in_chans: int, num_classes: int, img_size: tuple[int, int], patch_size: int,
+                      embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, s1_chans: int,
+                      fusion: str, freeze_encoder: bool) -> None:
+        self.encoder = build_vit_encoder(in_chans, num_classes, img_size, patch_size, embed_dim, depth, num_heads,
+                                         mlp_ratio, qkv_bias, s1_chans, fusion)
+        self.patch_size = patch_size
+        self.freeze_encoder = bool(freeze_encoder)
+        if self.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> ViTEncoderNetwork:
+        """``nn.Module.train``, but a frozen encoder stays in eval mode."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def encode(self, x: Tensor) -> tuple[BackboneOutput, tuple[int, int]]:
+        """(B, C, H, W) -> the encoder's output on the zero-padded input (:func:`pad_to_patches`; patch tokens
+        (B, h*w, D), grid (h, w) = padded size / p) and that padded size (h*p, w*p)."""
+        padded = pad_to_patches(x, self.patch_size)
+        return self.encoder.forward_features(padded), (padded.shape[-2], padded.shape[-1])
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+
+class Segmenter(ViTEncoderNetwork):
     """ViT encoder + mask transformer (module docstring).
 
     Args:
@@ -74,6 +139,7 @@ class Segmenter(nn.Module):
         mlp_ratio, qkv_bias: the encoder's MLP width and qkv bias (DeiT's 4 and True).
         s1_chans, fusion: Sentinel-1 channels and their early fusion (:class:`~weakseg.models.vit.ViTConfig`;
             default one patch embedding over all channels).
+        freeze_encoder: train the decoder only (:class:`ViTEncoderNetwork`).
 
     A weakseg classifier's backbone initialising the encoder (:func:`load_classifier_backbone`) gives its own
     ``mlp_ratio``, ``qkv_bias``, ``s1_chans`` and ``fusion``.
@@ -81,31 +147,20 @@ class Segmenter(nn.Module):
 
     def __init__(self, in_chans: int, num_classes: int, img_size: tuple[int, int] = (64, 64), patch_size: int = 8,
                  embed_dim: int = 96, depth: int = 4, num_heads: int = 6, decoder_depth: int = 2,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, s1_chans: int = 0, fusion: str = "concat") -> None:
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, s1_chans: int = 0, fusion: str = "concat",
+                 freeze_encoder: bool = False) -> None:
         super().__init__()
-        p = patch_size
-        size = tuple(max(p, math.ceil(s / p) * p) for s in img_size)
-        self.encoder = GatedViT(ViTConfig(img_size=size, patch_size=p, in_chans=in_chans, embed_dim=embed_dim,
-                                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                          s1_chans=s1_chans, fusion=fusion, num_classes=num_classes, gated=False,
-                                          final_norm=True))
-        self.encoder.head = nn.Identity()  # no classifier head: the decoder reads the patch tokens
+        self._init_encoder(in_chans, num_classes, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+                           qkv_bias, s1_chans, fusion, freeze_encoder)
         self.decoder = MaskTransformer(embed_dim, num_classes, decoder_depth, num_heads)
-        self.patch_size = p
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> logits (B, K, H, W)."""
         H, W = x.shape[-2:]
-        p = self.patch_size
-        pad_h, pad_w = (-H) % p, (-W) % p
-        padded = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x  # zeros, as WeakTr's phase 2
-        out = self.encoder.forward_features(padded)
+        out, padded = self.encode(x)  # zeros, as WeakTr's phase 2
         masks = self.decoder(out.patches, out.grid)  # (B, K, h, w)
-        logits = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         return logits[..., :H, :W]
-
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.encoder.parameters())
 
 
 #: Settings of a classifier backbone that must equal the encoder's (refine flag in brackets where there is one).

@@ -424,11 +424,25 @@ class GatedViT(nn.Module):
             b.attn.impl = impl
 
     # ---- the contract ---------------------------------------------------------------------------------
-    def embed(self, x: Tensor) -> Tensor:
-        """Image (B, C, H, W) -> tokens with prefix and position embedding, (B, P + h*w, D)."""
+    def embed(self, x: Tensor, modality: str | None = None) -> Tensor:
+        """Image (B, C, H, W) -> tokens with prefix and position embedding, (B, P + h*w, D).
+
+        ``modality`` embeds one sensor alone through its own patch embedding (the summed multimodal fusion only):
+        ``"s2"`` for the first ``in_chans - s1_chans`` channels, ``"s1"`` for the Sentinel-1 ones. Barlow Twins'
+        cross-modal views (:mod:`weakseg.tasks.pretraining`) feed S2 and S1 of one tile this way into one
+        transformer. None: the whole stacked input, as everywhere else.
+        """
         B, C, H, W = x.shape
-        if C != self.cfg.in_chans:
-            raise ConfigError(f"model expects {self.cfg.in_chans} input channels, got {C}")
+        expected = self.cfg.in_chans
+        if modality is not None:
+            if self.patch_embed_s1 is None:
+                raise ConfigError(f"modality {modality!r} needs separate S2 and S1 patch embeddings (--multimodal "
+                                  "--fusion sum)")
+            if modality not in ("s1", "s2"):
+                raise ConfigError(f"unknown modality {modality!r}; choose s1 or s2")
+            expected = self.cfg.s1_chans if modality == "s1" else self.cfg.in_chans - self.cfg.s1_chans
+        if C != expected:
+            raise ConfigError(f"model expects {expected} input channels, got {C}")
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ConfigError(f"model input {H}x{W} is not a multiple of the patch size {p} (the model was "
@@ -438,7 +452,12 @@ class GatedViT(nn.Module):
             P = self.num_prefix_tokens
             pos = torch.cat([pos[:, :P], interpolate_patch_positions(pos[:, P:], self.cfg.grid_size,
                                                                      (H // p, W // p))], dim=1)
-        if self.patch_embed_s1 is not None:
+        if modality == "s2":
+            tokens = self.patch_embed(x)  # (B, h*w, D)
+        elif modality == "s1":
+            assert self.patch_embed_s1 is not None
+            tokens = self.patch_embed_s1(x)  # (B, h*w, D)
+        elif self.patch_embed_s1 is not None:
             s1 = self.cfg.s1_chans
             tokens = self.patch_embed(x[:, :-s1]) + self.patch_embed_s1(x[:, -s1:])  # (B, h*w, D)
         else:
@@ -450,7 +469,7 @@ class GatedViT(nn.Module):
 
     def forward_features(
         self, x: Tensor, attention_blocks: Iterable[int] | None = None, gated_maps: bool = True,
-        attention_outputs: bool = False,
+        attention_outputs: bool = False, modality: str | None = None,
     ) -> BackboneOutput:
         """Run the backbone.
 
@@ -462,9 +481,10 @@ class GatedViT(nn.Module):
                 False, before the gates (what TokenMasking-WSSS's released code averaged; its defect 2). The
                 forward pass is gated either way.
             attention_outputs: also return those blocks' attention-branch outputs ``proj(A V)`` (WeakTr's AAF).
+            modality: one sensor's bands alone (:meth:`embed`); None the whole input.
         """
         wanted = {i % self.cfg.depth for i in (attention_blocks or ())}
-        tokens = self.embed(x)
+        tokens = self.embed(x, modality)
         attentions: dict[int, Tensor] = {}
         branch: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):

@@ -99,7 +99,12 @@ from weakseg.pipeline.stages import (
     unmark,
 )
 from weakseg.pipeline.tables import format_refine_table, refine_progress_line
-from weakseg.tasks.segmentation import SEGMENTATION_LOSSES, SEGMENTATION_MODELS, SegmentationTask
+from weakseg.tasks.segmentation import (
+    SEGMENTATION_LOSSES,
+    SEGMENTATION_MODELS,
+    VIT_ENCODER_MODELS,
+    SegmentationTask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +135,12 @@ LR_SCHEDULES = ("constant", "cosine", "poly")
 #: encoder at the full lr. WeakTr's own phase-2 recipe (``weaktr.md`` 4.2: SGD with Nesterov momentum 0.9, base lr
 #: 1e-4, encoder x 0.1, poly decay) fine-tunes an ImageNet DeiT-S; with ``--pretrained`` give it as flags
 #: (``--optimizer sgd --lr_schedule poly --learning_rate 1e-4 --encoder_lr_scale 0.1``): from scratch it learns
-#: next to nothing in 30 epochs.
+#: next to nothing in 30 epochs. The heads on the ViT tokens (``vit_linear``, ``setr_naive``, ``setr_pup``;
+#: :mod:`weakseg.models.seg_heads`) start from Segmenter's recipe (not measured for them).
 MODEL_RECIPES: dict[str, dict[str, Any]] = {
     "unet": {"optimizer": "adamw", "lr": DEFAULT_LR, "lr_schedule": DEFAULT_LR_SCHEDULE},
-    "segmenter": {"optimizer": "adamw", "lr": DEFAULT_LR, "lr_schedule": DEFAULT_LR_SCHEDULE,
-                  "encoder_lr_scale": 1.0},
+    **{name: {"optimizer": "adamw", "lr": DEFAULT_LR, "lr_schedule": DEFAULT_LR_SCHEDULE, "encoder_lr_scale": 1.0}
+       for name in VIT_ENCODER_MODELS},
 }
 
 
@@ -196,12 +202,17 @@ class RefineConfig:
             transformer of ``decoder_depth`` blocks; :mod:`weakseg.models.segmenter`). The optimiser settings'
             defaults here are the UNet's; ``weakseg refine`` puts the chosen model's recipe
             (:data:`MODEL_RECIPES`, :func:`model_recipe`) under the YAML and flag values, and a caller building
-            the config in code passes ``**model_recipe("segmenter")`` for the same.
+            the config in code passes ``**model_recipe("segmenter")`` for the same. ``"vit_linear"``,
+            ``"setr_naive"`` and ``"setr_pup"`` are heads on the patch tokens of the same encoder (same encoder
+            settings; :mod:`weakseg.models.seg_heads`, Zheng et al., SETR, CVPR 2021): the ViT-encoder models,
+            :data:`~weakseg.tasks.segmentation.VIT_ENCODER_MODELS`.
         loss: ``"ce"`` (cross-entropy ignoring 255) or ``"clip"`` (WeakTr's gradient-clipping loss with
             ``clip_start`` and ``clip_window``; :mod:`weakseg.tasks.losses`).
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (Nesterov, momentum 0.9, no weight decay: WeakTr's phase 2,
-            with ``lr_schedule: poly``); ``encoder_lr_scale`` multiplies Segmenter's encoder learning rate (WeakTr
+            with ``lr_schedule: poly``); ``encoder_lr_scale`` multiplies the ViT encoder's learning rate (WeakTr
             0.1).
+        freeze_encoder: a ViT-encoder model trains its decoder / head only: the encoder (random, ``pretrained``
+            or ``encoder_checkpoint``) is not trained and stays in eval mode (a linear probe with ``vit_linear``).
         window, stride: sliding-window prediction of Segmenter (tiles no larger than the window: one pass).
         predict_scales, predict_flip: prediction views whose softmax is averaged (multi-scale + flip).
     """
@@ -249,6 +260,7 @@ class RefineConfig:
     stride: int | None = None
     predict_scales: list[float] = field(default_factory=lambda: [1.0])
     predict_flip: bool = False
+    freeze_encoder: bool = False
 
 
 def _tile_geometry(reader: Any, split: str, widths: Sequence[int]) -> tuple[int, tuple[int, int]]:
@@ -439,6 +451,8 @@ def _fit(task: SegmentationTask, trainer: L.Trainer, loader: DataLoader) -> None
         # No validation loader on purpose: validating on ground truth would be model selection on labels that
         # weak supervision does not have.
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+        if getattr(task.model, "freeze_encoder", False):  # a frozen encoder is kept in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         trainer.fit(task, train_dataloaders=loader)
 
 
@@ -577,18 +591,23 @@ def _entry(iteration: int | str, masks: Path, eval_masks: Path | None, scores: d
 
 def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
                             tile_size: Sequence[int]) -> SegmentationTask:
-    """The segmentation task of ``cfg`` (UNet or Segmenter, CE or clipping loss), for tiles of ``tile_size``.
+    """The segmentation task of ``cfg`` (UNet, Segmenter or a head on ViT tokens, CE or clipping loss), for tiles
+    of ``tile_size``.
 
-    Segmenter's encoder is initialised from ``pretrained`` (a timm / DeiT / DINO file,
+    The ViT encoder of a ViT-encoder model (:data:`~weakseg.tasks.segmentation.VIT_ENCODER_MODELS`) is initialised from ``pretrained`` (a timm / DeiT / DINO file,
     :func:`weakseg.models.pretrained.load_pretrained`) or ``encoder_checkpoint`` (a weakseg classifier's backbone,
     :func:`weakseg.models.segmenter.load_classifier_backbone`; the encoder then takes its MLP ratio, qkv bias and
-    Sentinel-1 fusion).
+    Sentinel-1 fusion). With ``pretrained`` the encoder takes the file's MLP ratio and qkv bias
+    (:func:`weakseg.models.pretrained.checkpoint_block_shape`): a DeiT has 4, weakseg's own backbones 2.
     """
     segmenter = None
     backbone = None
-    if cfg.model == "segmenter":
+    vit = cfg.model in VIT_ENCODER_MODELS
+    if vit:
         segmenter = {"patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
-                     "num_heads": cfg.num_heads, "decoder_depth": cfg.decoder_depth}
+                     "num_heads": cfg.num_heads, "freeze_encoder": bool(cfg.freeze_encoder)}
+        if cfg.model == "segmenter":
+            segmenter["decoder_depth"] = cfg.decoder_depth
         if cfg.encoder_checkpoint:
             from weakseg.tasks.classification import load_classifier
 
@@ -596,14 +615,18 @@ def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
             shape = backbone.cfg
             segmenter.update(mlp_ratio=float(shape.mlp_ratio), qkv_bias=bool(shape.qkv_bias),
                              s1_chans=int(shape.s1_chans), fusion=str(shape.fusion))
+        elif cfg.pretrained:  # the encoder's MLP width and qkv bias are the checkpoint's, so every block tensor loads
+            from weakseg.models.pretrained import checkpoint_block_shape
+
+            segmenter.update(checkpoint_block_shape(Path(cfg.pretrained)))
     task = SegmentationTask(
         in_chans=channels, num_classes=num_classes, widths=list(cfg.widths), lr=cfg.lr, lr_schedule=cfg.lr_schedule,
         model=cfg.model, segmenter=segmenter, tile_size=list(tile_size), loss=cfg.loss, clip_start=cfg.clip_start,
         clip_window=cfg.clip_window, optimizer=cfg.optimizer,
-        encoder_lr_scale=cfg.encoder_lr_scale if cfg.model == "segmenter" else 1.0, window=cfg.window,
+        encoder_lr_scale=cfg.encoder_lr_scale if vit else 1.0, window=cfg.window,
         stride=cfg.stride, scales=list(cfg.predict_scales), flip=cfg.predict_flip,
     )
-    if cfg.pretrained and cfg.model == "segmenter":
+    if cfg.pretrained and vit:
         from weakseg.models.pretrained import load_pretrained
 
         load_pretrained(task.model.encoder, Path(cfg.pretrained))
@@ -611,8 +634,8 @@ def build_segmentation_task(cfg: RefineConfig, channels: int, num_classes: int,
         from weakseg.models.segmenter import load_classifier_backbone
 
         loaded = load_classifier_backbone(task.model.encoder, backbone)
-        log.info("Segmenter encoder from the backbone of %s: %d tensors copied, left out %s", cfg.encoder_checkpoint,
-                 len(loaded["copied"]), loaded["skipped"])
+        log.info("%s encoder from the backbone of %s: %d tensors copied, left out %s", cfg.model,
+                 cfg.encoder_checkpoint, len(loaded["copied"]), loaded["skipped"])
     return task
 
 
@@ -651,17 +674,25 @@ def _validate(cfg: RefineConfig) -> None:
         raise ConfigError(f"unknown loss {cfg.loss!r} (--loss); choose from {list(SEGMENTATION_LOSSES)}")
     for name in ("pretrained", "encoder_checkpoint"):
         path = getattr(cfg, name)
-        if path and cfg.model != "segmenter":
-            raise ConfigError(f"--{name} initialises Segmenter's ViT encoder: it needs --model segmenter")
+        if path and cfg.model not in VIT_ENCODER_MODELS:
+            raise ConfigError(f"--{name} initialises a ViT encoder: it needs a ViT-encoder --model "
+                              f"({', '.join(VIT_ENCODER_MODELS)}), not {cfg.model}")
         if path and not Path(path).is_file():
             raise ConfigError(f"{name} checkpoint {path} does not exist (--{name})")
+    if cfg.freeze_encoder and cfg.model not in VIT_ENCODER_MODELS:
+        raise ConfigError(f"--freeze_encoder freezes the ViT encoder of a ViT-encoder --model "
+                          f"({', '.join(VIT_ENCODER_MODELS)}); --model {cfg.model} has none")
     if cfg.pretrained and cfg.encoder_checkpoint:
         raise ConfigError("--pretrained and --encoder_checkpoint both initialise the encoder: give one")
     if cfg.window is not None and cfg.stride is not None and cfg.stride > cfg.window:
         raise ConfigError(f"--stride {cfg.stride} is larger than --window {cfg.window}: pixels between the windows "
                           "would get no prediction")
-    if cfg.model == "segmenter" and cfg.embed_dim % cfg.num_heads:
+    if cfg.model in VIT_ENCODER_MODELS and cfg.embed_dim % cfg.num_heads:
         raise ConfigError(f"--embed_dim {cfg.embed_dim} is not divisible by --num_heads {cfg.num_heads}")
+    if cfg.model == "setr_pup":
+        from weakseg.models.seg_heads import pup_stages
+
+        pup_stages(cfg.patch_size)  # a power of two, before any data is read
 
 
 def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:

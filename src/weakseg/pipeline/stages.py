@@ -31,7 +31,7 @@ FINGERPRINT_KEYS = (
     "batch_size", "lr", "lr_schedule", "widths", "seed", "augment", "min_confidence", "classifier",
     "label_weighting", "model", "loss", "clip_start", "clip_window", "optimizer", "encoder_lr_scale", "patch_size",
     "embed_dim", "depth", "num_heads", "decoder_depth", "pretrained", "window", "stride", "predict_scales",
-    "predict_flip", "encoder_checkpoint",
+    "predict_flip", "encoder_checkpoint", "freeze_encoder",
 )
 
 

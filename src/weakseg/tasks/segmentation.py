@@ -60,23 +60,45 @@ def _build_segmenter(in_chans: int, num_classes: int, widths: Sequence[int], til
     return Segmenter(in_chans, num_classes, img_size=tuple(tile_size), **settings)
 
 
+def _head_builder(name: str) -> Callable[..., torch.nn.Module]:
+    def build(in_chans: int, num_classes: int, widths: Sequence[int], tile_size: Sequence[int],
+              settings: dict[str, Any]) -> torch.nn.Module:
+        from weakseg.models.seg_heads import HEADS
+
+        kept = {key: value for key, value in settings.items() if key != "decoder_depth"}  # Segmenter's alone
+        return HEADS[name](in_chans, num_classes, img_size=tuple(tile_size), **kept)
+
+    build.__doc__ = (f"``{name}`` (:mod:`weakseg.models.seg_heads`) on the ViT encoder for tiles of ``tile_size``; "
+                     "``settings`` the encoder's sizes and ``freeze_encoder``")
+    return build
+
+
 #: The segmentation networks of ``weakseg refine --model``, by name: ``build(in_chans, num_classes, widths,
 #: tile_size, settings) -> nn.Module`` mapping (B, C, H, W) images of any size to (B, K, H, W) logits. A network
 #: with an ``encoder_parameters()`` method gets ``encoder_lr_scale`` on those parameters. Adding a network here is
-#: all the task and the refine pipeline need (training, prediction, resume and scoring do not name the network).
+#: all the task and the refine pipeline need (training, prediction, resume and scoring do not name the network);
+#: one on the ViT encoder also goes into :data:`VIT_ENCODER_MODELS`.
 SEGMENTATION_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "unet": _build_unet,
     "segmenter": _build_segmenter,
+    "vit_linear": _head_builder("vit_linear"),
+    "setr_naive": _head_builder("setr_naive"),
+    "setr_pup": _head_builder("setr_pup"),
 }
+#: The networks on weakseg's ViT encoder (:func:`weakseg.models.segmenter.build_vit_encoder`): they take the
+#: encoder settings (patch size, width, depth, heads, ``freeze_encoder``; ``settings`` of the builder), can start
+#: from a timm file or a classifier's backbone, and have ``encoder_parameters()``. Segmenter with its mask
+#: transformer, and the heads on the patch tokens of :mod:`weakseg.models.seg_heads` (Zheng et al., SETR).
+VIT_ENCODER_MODELS: tuple[str, ...] = ("segmenter", "vit_linear", "setr_naive", "setr_pup")
 
 
 def build_segmentation_model(name: str, in_chans: int, num_classes: int, widths: Sequence[int],
                              tile_size: Sequence[int], segmenter: dict[str, Any] | None) -> torch.nn.Module:
-    """The network ``name`` of :data:`SEGMENTATION_MODELS`; ``segmenter`` holds Segmenter's settings (ignored by
-    the UNet, whose only setting is ``widths``)."""
+    """The network ``name`` of :data:`SEGMENTATION_MODELS`; ``segmenter`` holds the settings of a ViT-encoder
+    network (:data:`VIT_ENCODER_MODELS`; ignored by the UNet, whose only setting is ``widths``)."""
     if name not in SEGMENTATION_MODELS:
         raise ConfigError(f"unknown segmentation model {name!r} (--model); choose from {list(SEGMENTATION_MODELS)}")
-    settings = dict(segmenter or {}) if name == "segmenter" else {}
+    settings = dict(segmenter or {}) if name in VIT_ENCODER_MODELS else {}
     return SEGMENTATION_MODELS[name](in_chans, num_classes, widths, tile_size, settings)
 
 
@@ -94,12 +116,16 @@ class SegmentationTask(L.LightningModule):
         lr_schedule: ``"constant"``, or ``"cosine"``: cosine annealing to 0 over all optimiser steps of the
             fit, stepped every batch (needs ``max_epochs`` or ``max_steps`` on the Trainer), or ``"poly"``:
             WeakTr's ``(lr - 1e-5) (1 - step / steps) ** 0.9 + 1e-5``.
-        model: ``"unet"`` or ``"segmenter"`` (:func:`build_segmentation_model`); ``segmenter`` its settings
-            (:class:`weakseg.models.segmenter.Segmenter`) and ``tile_size`` the tiles' (H, W).
+        model: a :data:`SEGMENTATION_MODELS` name, ``"unet"``, ``"segmenter"`` or a head on the ViT tokens
+            (``"vit_linear"``, ``"setr_naive"``, ``"setr_pup"``; :func:`build_segmentation_model`); ``segmenter``
+            the settings of a ViT-encoder network (:class:`weakseg.models.segmenter.Segmenter`,
+            :mod:`weakseg.models.seg_heads`; ``freeze_encoder`` trains the decoder / head only) and
+            ``tile_size`` the tiles' (H, W).
         loss: ``"ce"`` or ``"clip"`` (:func:`weakseg.tasks.losses.gradient_clipping_loss` with ``clip_start`` and
             ``clip_window``).
         optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov, momentum 0.9, WeakTr's phase 2).
-        encoder_lr_scale: learning-rate multiplier of Segmenter's encoder (WeakTr: 0.1).
+        encoder_lr_scale: learning-rate multiplier of a ViT encoder (WeakTr: 0.1); a frozen encoder's parameters
+            are not in the optimiser.
         window, stride: sliding-window prediction (:func:`weakseg.models.segmenter.sliding_window_logits`).
         scales, flip: prediction views whose softmax is averaged (each scale resized back to the tile).
 
@@ -254,7 +280,7 @@ class SegmentationTask(L.LightningModule):
         for in_encoder in (False, True):
             decay, no_decay = [], []
             for param in self.model.parameters():
-                if (id(param) in encoder) == in_encoder:
+                if param.requires_grad and (id(param) in encoder) == in_encoder:  # not a frozen encoder
                     (decay if param.ndim > 1 else no_decay).append(param)  # weights vs norms and biases
             scale = float(hp.encoder_lr_scale) if in_encoder else 1.0
             wd = hp.weight_decay if hp.optimizer == "adamw" else 0.0  # WeakTr's SGD: no weight decay

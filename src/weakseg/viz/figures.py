@@ -650,3 +650,18 @@ def plot_class_maps(
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def plot_cross_correlation(c: np.ndarray, path: str | os.PathLike, title: str | None = None,
+                           dpi: int = 100) -> Path:
+    """Heatmap of a Barlow Twins cross-correlation matrix C (P x P) on the fixed range [-1, 1] (blue -1, white 0,
+    red 1), so heatmaps of different epochs compare: a converged run is a red diagonal on a white field."""
+    c = np.asarray(c, dtype=np.float64)
+    fig = _new_figure(6.2, 5.4, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(c, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("view 2 embedding dimension")
+    ax.set_ylabel("view 1 embedding dimension")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="C")
+    ax.set_title(title or "Barlow Twins cross-correlation C", fontsize=9, wrap=True)
+    return _save(fig, path)
