@@ -137,3 +137,24 @@ def test_adapted_kernel_keeps_the_constant_response_with_fewer_channels_than_the
         new = adapt_patch_kernel(w, chans, 8)
         assert new.shape == (5, chans, 8, 8)
         torch.testing.assert_close(new.sum(dim=(1, 2, 3)), w.sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_with_another_mlp_width_is_refused_naming_the_flag(tmp_path) -> None:
+    import pytest
+    import torch
+
+    from weakseg.errors import ConfigError
+    from weakseg.models.pretrained import load_pretrained
+    from weakseg.models.vit import build_vit
+
+    deit_like = build_vit(img_size=(32, 32), patch_size=8, in_chans=3, embed_dim=24, depth=2, num_heads=4,
+                          mlp_ratio=4.0, num_classes=10, gated=False)
+    torch.save(deit_like.state_dict(), tmp_path / "deit.pth")
+    model = build_vit(img_size=(32, 32), patch_size=8, in_chans=13, embed_dim=24, depth=2, num_heads=4,
+                      mlp_ratio=2.0, num_classes=5)
+    with pytest.raises(ConfigError, match=r"MLP ratio 4 .* \(--mlp_ratio 4\)"):
+        load_pretrained(model, tmp_path / "deit.pth")
+    same = build_vit(img_size=(32, 32), patch_size=8, in_chans=13, embed_dim=24, depth=2, num_heads=4,
+                     mlp_ratio=4.0, num_classes=5)
+    assert load_pretrained(same, tmp_path / "deit.pth")["skipped"] == ["head.weight (10, 24) -> (5, 24)",
+                                                                       "head.bias (10,) -> (5,)"]

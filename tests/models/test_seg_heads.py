@@ -162,7 +162,8 @@ def test_encoder_names_are_timm_names_and_a_checkpoint_loads(name: str, tmp_path
     assert {"encoder.blocks.0.attn.qkv.weight", "encoder.pos_embed", "encoder.cls_token"} <= names
     assert not any(k.startswith("encoder.head.") for k in names)
     source = build_vit(img_size=(16, 16), patch_size=8, in_chans=3, embed_dim=24, depth=1, num_heads=4,
-                       gated=False)
+                       gated=False, mlp_ratio=4.0)  # the encoder's MLP width: every tensor loads
     torch.save(source.state_dict(), tmp_path / "vit.pth")
     load_pretrained(model.encoder, tmp_path / "vit.pth")
     torch.testing.assert_close(model.encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(model.encoder.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)

@@ -147,10 +147,13 @@ def load_pretrained(model: GatedViT, path: Path, num_prefix_tokens: int | None =
             skipped.append(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}")
             del sd[k]
     blocks_skipped = [k for k in skipped if k.startswith("blocks.") and "->" in k]
-    if blocks_skipped:
-        log.warning("warning: %s: %d transformer tensors have another shape than the model's and keep their random "
-                    "init (e.g. %s): give the checkpoint's --mlp_ratio / qkv bias", path, len(blocks_skipped),
-                    blocks_skipped[0])
+    if blocks_skipped:  # a silently random MLP is a wrong run, not a partial load
+        shape = checkpoint_block_shape(path)
+        raise ConfigError(
+            f"{path}: {len(blocks_skipped)} transformer tensors have another shape than the model's (e.g. "
+            f"{blocks_skipped[0]}): the checkpoint's blocks have MLP ratio {shape['mlp_ratio']:g} and "
+            f"{'a' if shape['qkv_bias'] else 'no'} qkv bias, the model {cfg.mlp_ratio:g} and "
+            f"{'a' if cfg.qkv_bias else 'no'} qkv bias (--mlp_ratio {shape['mlp_ratio']:g})")
     missing, _ = model.load_state_dict(sd, strict=False)
     not_gates = [k for k in missing if not k.endswith("log_alpha")]
     log.info("loaded %s: %d tensors; kept init for %s; skipped %s", path, len(sd), not_gates, skipped)
