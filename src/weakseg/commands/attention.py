@@ -38,7 +38,6 @@ from weakseg.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: File types ``--images`` reads (PNG / JPEG with pillow as RGB, GeoTIFF with rasterio).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def add_input_arguments(p: argparse.ArgumentParser, default_tiles: int) -> None:
@@ -101,38 +100,24 @@ def _size_arg(imgsize: list[int] | None) -> tuple[int, int] | None:
 
 
 def read_image_file(path: Path, channels: int) -> Any:
-    """A PNG / JPEG (pillow, as RGB) or GeoTIFF (rasterio) file as scaled float32 (C, H, W)
-    (:func:`weakseg.data.folder.scale_by_dtype`; GeoTIFF no-data as NaN).
+    """A PNG / JPEG (as RGB) or GeoTIFF file as scaled float32 (C, H, W)
+    (:func:`weakseg.data.unlabelled.read_scaled_image`; GeoTIFF no-data as NaN).
 
     Raises:
         DataError: naming the file, when it cannot be read or its channel count is not ``channels``.
     """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from weakseg.data.unlabelled import read_scaled_image
 
-    from weakseg.data.dfc2020 import read_raster_nodata
-    from weakseg.data.folder import scale_by_dtype
-    from weakseg.data.nodata import mark_invalid, scale_valid
-
-    if path.suffix.lower() in (".tif", ".tiff"):
-        arr, nodata = read_raster_nodata(path)
-        how = "bands"
-        img, valid = scale_valid(arr, nodata, scale_by_dtype, path)
-        img = mark_invalid(img, valid)
-    else:
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
-        how = "channels (PNG / JPEG are read as RGB)"
-        img = scale_by_dtype(arr)
+    img = read_scaled_image(path, rgb=True)
     if img.shape[0] != channels:
+        how = "bands" if path.suffix.lower() in (".tif", ".tiff") else "channels (PNG / JPEG are read as RGB)"
         raise DataError(f"{path} has {img.shape[0]} {how} but the model expects {channels} input channels")
     return img
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
+    from weakseg.data.folder import IMAGE_SUFFIXES
+
     files: list[Path] = []
     for path in paths:
         if path.is_dir():

@@ -53,10 +53,29 @@ class UnlabelledImageFolder:
 
     def read_image(self, i: int) -> np.ndarray:
         """Scaled float32 (C, H, W), NaN in every band of a pixel without data."""
-        path = self._files[i]
-        arr, nodata = _read_any_nodata(path)
-        image, valid = scale_valid(arr, nodata, scale_by_dtype, path)
-        return mark_invalid(image, valid)
+        return read_scaled_image(self._files[i])
+
+
+def read_scaled_image(path: Path, rgb: bool = False) -> np.ndarray:
+    """One image file as the folder dataset reads it: scaled float32 (C, H, W)
+    (:func:`weakseg.data.folder.scale_by_dtype`), NaN in every band of a pixel without data. ``rgb`` converts a
+    PNG / JPEG to 3 channels first (grey, palette or RGBA photos for an RGB model); GeoTIFFs keep their bands.
+
+    Raises:
+        DataError: naming the file, when it cannot be read.
+    """
+    if rgb and path.suffix.lower() not in (".tif", ".tiff"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"cannot read {path}: {e}") from e
+        return scale_by_dtype(arr)
+    arr, nodata = _read_any_nodata(path)
+    image, valid = scale_valid(arr, nodata, scale_by_dtype, path)
+    return mark_invalid(image, valid)
 
 
 def check_readable(reader: object, message_root: str | Path, stats: BandStats | None = None,

@@ -33,7 +33,7 @@ from weakseg.config import Check, at_least, non_empty, one_of, save_resolved
 from weakseg.data.ssl_views import VIEW_MODES
 from weakseg.errors import ConfigError
 from weakseg.io import atomic_path, atomic_write_json, folder_lock, make_dir, process_rank
-from weakseg.pipeline.train import TRAIN_CHECKS
+from weakseg.pipeline.train import TRAIN_CHECKS, TrainConfig
 
 log = logging.getLogger("weakseg")
 
@@ -71,15 +71,17 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     multimodal: bool = False
     views: str = "augment"
-    fusion: str = "sum"
-    imgsize: list[int] = field(default_factory=lambda: [64, 64])
-    patch_size: int = 8
-    embed_dim: int = 96
-    depth: int = 4
-    num_heads: int = 6
-    mlp_ratio: float = 2.0
-    qkv_bias: bool = True
-    normalization: str = "standardize"
+    # the backbone and the tiles' normalisation default to weakseg train's (its cpu preset), so a classifier
+    # trained from backbone.pth with the same flags gets every tensor
+    fusion: str = TrainConfig.fusion
+    imgsize: list[int] = field(default_factory=lambda: list(TrainConfig().imgsize))
+    patch_size: int = TrainConfig.patch_size
+    embed_dim: int = TrainConfig.embed_dim
+    depth: int = TrainConfig.depth
+    num_heads: int = TrainConfig.num_heads
+    mlp_ratio: float = TrainConfig.mlp_ratio
+    qkv_bias: bool = TrainConfig.qkv_bias
+    normalization: str = TrainConfig.normalization
     projector_dim: int = 512
     projector_layers: int = 3
     lambd: float | None = None
@@ -200,9 +202,10 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         del ckpt
     datadir = Path(cfg.datadir) if cfg.datadir else ensure_data(TrainConfig())
     reader = open_pretrain_reader(cfg, datadir)
+    root = Path(getattr(reader, "root", datadir))
     stats = BandStats() if cfg.normalization == "standardize" else None
     t0 = time.time()
-    usable, skipped = check_readable(reader, getattr(reader, "root", datadir), stats)
+    usable, skipped = check_readable(reader, root, stats)
     for tile, path, reason in skipped[:20]:
         log.warning("warning: tile %s (%s) is skipped: %s", tile, path, reason)
     reader.restrict(usable)
@@ -217,7 +220,7 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                    "normalization": cfg.normalization, "band_stats": band_stats}
     s1_chans = 2 if cfg.multimodal else 0
     if cfg.views == "cross_modal" and in_chans <= s1_chans:
-        raise ConfigError(f"tiles of {reader_root(reader, datadir)} have {in_chans} bands: no S2 bands besides S1")
+        raise ConfigError(f"tiles of {root} have {in_chans} bands: no S2 bands besides S1")
     model_cfg = ViTConfig(img_size=tuple(cfg.imgsize), patch_size=cfg.patch_size, in_chans=in_chans,
                           s1_chans=s1_chans, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
                           num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, num_classes=1,
@@ -292,10 +295,6 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
               f"{metrics.get('train_offdiag_rms', float('nan')):.3f}\nbackbone: {out / 'backbone.pth'} "
               f"(weakseg train --pretrained {out / 'backbone.pth'})")
     return summary
-
-
-def reader_root(reader: Any, datadir: Path) -> Path:
-    return Path(getattr(reader, "root", datadir))
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
