@@ -10,6 +10,7 @@ command such as ``weakseg evaluate`` could start.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run the whole pipeline on built-in synthetic data (about 5 min on CPU)"),
     "make-data": ("make_data", "write the built-in synthetic Sentinel-1/2 land-cover dataset (DFC2020 layout)"),
+    "prepare": ("prepare", "write a split's tiles once into a memory-mapped tile store that every run then reads"),
     "train": ("train", "train the (gated) ViT on image-level labels"),
     "pseudomasks": ("pseudomasks", "generate pseudomasks from a trained classifier"),
     "evaluate": ("evaluate", "score prediction folders against ground-truth masks (OA, AA, mIoU, per-class IoU)"),

@@ -24,8 +24,12 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
         root: dataset folder.
         split: split name ("validation" / "test" for DFC2020; a split list name or "all" for folders), or one
             part of it: ``"<split>:train"`` / ``"<split>:holdout"`` (:mod:`weakseg.data.splits`).
-        kwargs: reader options (``modality``, ``transform``, ``label_threshold``, ``cache``).
+        kwargs: reader options (``modality``, ``transform``, ``label_threshold``, ``cache``), and ``store``: the
+            tile store to read the split from (:mod:`weakseg.data.tile_store`, written by ``weakseg prepare``);
+            None (default): the one at the default location ``<root>/.weakseg_store/...`` if it is complete and
+            fresh (a stale one is not used: a warning names the changed file); a folder: that store; False: none.
     """
+    store = kwargs.pop("store", None)
     base, part = parse_split(split)
     if kind == "dfc2020":
         from weakseg.data.dfc2020 import DFC2020Dataset
@@ -47,6 +51,10 @@ def open_dataset(kind: str, root: str | Path, split: str, **kwargs: Any) -> Any:
         reader = VOCDataset(root, base, **kwargs)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
+    if store is not False:
+        from weakseg.data.tile_store import attach_store
+
+        attach_store(reader, kind, root, store)  # on the whole split; a part below reads it by tile id
     if part is not None:
         reader.restrict(part_indices(reader.ids, part))
         reader.split = split

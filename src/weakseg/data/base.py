@@ -82,7 +82,8 @@ class TileDataset(torch.utils.data.Dataset):
         transform: callable on the sample dict, applied before labels are computed.
         label_threshold: fraction of the crop a class must cover to be an image-level label.
         cache: keep every tile read in memory (scaled float32), for small datasets read many times, such as
-            the built-in synthetic data (256 tiles of 64x64 x 15 bands: 63 MB).
+            the built-in synthetic data (256 tiles of 64x64 x 15 bands: 63 MB). Unused when a tile store is
+            attached (:meth:`attach_store`): large splits go to ``weakseg prepare`` instead.
     """
 
     ids: list[str]
@@ -96,6 +97,9 @@ class TileDataset(torch.utils.data.Dataset):
     #: The background class of datasets that have one (VOC: 0), for the background-plane mask rule
     #: (:mod:`weakseg.masks.rules`); None for land cover, where every class is a class.
     background_index: int | None = None
+    #: A fresh :class:`~weakseg.data.tile_store.TileStore` of this split (``weakseg prepare``), attached by
+    #: :func:`weakseg.data.open_dataset`: tiles it holds are read from its memory map instead of their files.
+    _store: Any = None
 
     def __init__(self, transform: Transform | None, label_threshold: float, cache: bool) -> None:
         self.transform = transform
@@ -131,6 +135,15 @@ class TileDataset(torch.utils.data.Dataset):
         self.ids = [self.ids[i] for i in indices]
         self._restrict_files(indices)
 
+    def attach_store(self, store: Any) -> None:
+        """Read the tiles ``store`` holds from it (by tile id, so a part of the split works too).
+
+        The in-memory cache is dropped: the memory map already serves every process from the page cache, and
+        copying its tiles into a per-process dict would only multiply memory by the number of workers.
+        """
+        self._store = store
+        self._cache = None
+
     # ---- shared ---------------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
@@ -141,6 +154,9 @@ class TileDataset(torch.utils.data.Dataset):
 
     def read_image(self, i: int) -> np.ndarray:
         """Scaled, unnormalised image, float32 (C, H, W), NaN in every band of a pixel without data."""
+        k = self._store.index_of(self.ids[i]) if self._store is not None else None
+        if k is not None:
+            return self._store.image(k)  # a new float32 array: the stored (C, H, W) row
         return self._cached("image", i, self._read_image)
 
     def read_valid(self, i: int) -> np.ndarray:
@@ -169,6 +185,9 @@ class TileDataset(torch.utils.data.Dataset):
         """Class ids, uint8 (H, W), 255 = ignore."""
         if not self.has_masks:
             raise DataError(f"{getattr(self, 'root', 'the dataset')} has no masks/ folder: nothing to evaluate against")
+        k = self._store.index_of(self.ids[i]) if self._store is not None and self._store.has_masks else None
+        if k is not None:
+            return self._store.mask(k)  # a new uint8 (H, W) array
         return self._cached("mask", i, self._read_mask)
 
     def _cached(self, kind: str, i: int, read: Callable[[int], np.ndarray]) -> np.ndarray:
