@@ -36,6 +36,20 @@ def run_seeds(script: str, args: Sequence[str], seeds: Sequence[int], jobs: int,
     return failed
 
 
+def add_seed_arguments(p: argparse.ArgumentParser, output: str, jobs: int = 2, tiles: bool = False) -> None:
+    """The options every seeded benchmark shares: ``--seeds``, ``--jobs``, ``--threads``, ``--output``,
+    ``--aggregate``, the internal ``--seed-run`` and, with ``tiles``, ``--train_tiles`` / ``--test_tiles``."""
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--jobs", type=int, default=jobs, help=f"seeds run at once, one thread each (default {jobs})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
+    p.add_argument("--output", type=Path, default=Path(output), help=f"output folder (default {output})")
+    if tiles:
+        p.add_argument("--train_tiles", type=int, default=256, help="built-in training tiles (default 256)")
+        p.add_argument("--test_tiles", type=int, default=64, help="built-in test tiles (default 64)")
+    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
+    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # internal: run one seed in this process
+
+
 def mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
     """``"52.3 ± 1.4"`` (mean and sample standard deviation, times ``scale``); ``"-"`` for no value."""
     if not values:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _seeds import mean_sd, seed_benchmark_main
+from _seeds import add_seed_arguments, mean_sd, seed_benchmark_main
 
 from weakseg.pipeline.tables import score_name
 
@@ -91,12 +91,7 @@ DEFAULT_PIPELINE = ("class tokens, unpruned (default: per-class head, no masking
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", type=Path, default=Path("runs/defaults"))
-    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
-    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)
+    add_seed_arguments(p, "runs/defaults")
     return p
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from _seeds import seed_benchmark_main
+from _seeds import add_seed_arguments, seed_benchmark_main
 
 #: The settings compared: TrainConfig overrides on top of ``prune=True``.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -41,13 +41,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    add_seed_arguments(p, "runs/pruning", jobs=1)
     p.add_argument("--steps", type=int, nargs="+", default=[100, 1000], help="run lengths in optimiser steps")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, one thread each (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
-    p.add_argument("--output", type=Path, default=Path("runs/pruning"), help="output folder")
-    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
-    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # internal: run one seed in this process
     return p
 
 

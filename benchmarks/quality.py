@@ -27,22 +27,15 @@ import statistics
 from pathlib import Path
 
 from _seeds import mean_sd as _mean_sd
-from _seeds import seed_benchmark_main
+from _seeds import add_seed_arguments, seed_benchmark_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument("--jobs", type=int, default=2, help="seeds run at once, one thread each (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
-    p.add_argument("--output", type=Path, default=Path("runs/quality"), help="output folder")
+    add_seed_arguments(p, "runs/quality", tiles=True)
     p.add_argument("--vit_epochs", type=int, default=30)
     p.add_argument("--unet_epochs", type=int, default=30)
     p.add_argument("--iterations", type=int, default=1, help="refinement iterations of each seed's best pipeline")
-    p.add_argument("--train_tiles", type=int, default=256)
-    p.add_argument("--test_tiles", type=int, default=64)
-    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
-    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # internal: run one seed in this process
     return p
 
 
@@ -59,7 +52,8 @@ def run_one_seed(args: argparse.Namespace) -> None:
     out = args.output / f"seed{seed}"
     cfg = ComparisonConfig(datadir=str(args.output / "data"), output_dir=str(out), seed=seed,
                            vit_epochs=args.vit_epochs, unet_epochs=args.unet_epochs, iterations=args.iterations,
-                           classifiers=tuple(c.name for c in CLASSIFIERS), refine_best_of=("weaktr",))
+                           classifiers=tuple(c.name for c in CLASSIFIERS), refine_best_of=("weaktr", "pcm"),
+                           oracle_holdout=True)
     run_comparison(cfg, progress=lambda line: print(f"[seed {seed}] {line}", flush=True))
 
 
@@ -80,18 +74,23 @@ def aggregate(folder: Path) -> str:
             if key not in values:
                 keys.append(key)
                 labels[key] = (r["classifier_label"], r["label"])
-                values[key] = {"train": [], "holdout": [], "test": []}
+                values[key] = {"train": [], "holdout": [], "test": [], "oracle": []}
             values[key]["train"].append(r["train"]["miou"])
             values[key]["holdout"].append(r["holdout"]["miou"])
+            if r.get("holdout_oracle"):
+                values[key]["oracle"].append(r["holdout_oracle"]["miou"])
             if r.get("test"):
                 values[key]["test"].append(r["test"]["miou"])
     lines = [f"mIoU (%) over seeds {seeds}: mean ± standard deviation; predicted labels; pseudomasks of the "
-             "'validation:train' tiles, of the 'validation:holdout' tiles and of the 'test' tiles",
-             "", f"{'classifier':<24} {'method':<46} {'train tiles':>13} {'holdout':>13} {'test':>13}", "-" * 113]
+             "'validation:train' tiles, of the 'validation:holdout' tiles and of the 'test' tiles; last column: the "
+             "holdout with the ground-truth image labels (the map stage's bound, never used to choose)",
+             "", f"{'classifier':<24} {'method':<46} {'train tiles':>13} {'holdout':>13} {'test':>13} "
+                 f"{'holdout, GT labels':>19}", "-" * 133]
     for key in keys:
         clf, method = labels[key]
+        oracle = _mean_sd(values[key]["oracle"]) if values[key]["oracle"] else "-"
         lines.append(f"{clf:<24} {method:<46} {_mean_sd(values[key]['train']):>13} "
-                     f"{_mean_sd(values[key]['holdout']):>13} {_mean_sd(values[key]['test']):>13}")
+                     f"{_mean_sd(values[key]['holdout']):>13} {_mean_sd(values[key]['test']):>13} {oracle:>19}")
 
     def diffs(classifier: str, a: str, b: str, part: str = "train") -> list[float]:
         out = []
@@ -127,22 +126,42 @@ def aggregate(folder: Path) -> str:
     weaktr_pairs = [("weaktr_released", "gradcam"), ("weaktr_fused", "gradcam"), ("weaktr_coarse", "gradcam"),
                     ("weaktr_fused", "weaktr_released"), ("weaktr_coarse", "weaktr_fused"),
                     ("class_attention", "weaktr_fused")]
-    weaktr_lines = []
-    for clf in ("weaktr_pruned", "weaktr_unpruned"):
-        for a, b in weaktr_pairs:
-            d_hold, d_train = diffs(clf, a, b, "holdout"), diffs(clf, a, b)
-            if d_hold:
-                weaktr_lines.append(f"  {clf:<16} {a + ' - ' + b:<36} holdout {_mean_sd(d_hold):>13}   "
-                                    f"train tiles {_mean_sd(d_train):>13}")
+
+    def paired_lines(classifiers: tuple[str, ...], pairs: list[tuple[str, str]]) -> list[str]:
+        """Method a - method b on the same classifier, paired by seed, on the holdout and the train tiles."""
+        out = []
+        for clf in classifiers:
+            for a, b in pairs:
+                d_hold, d_train = diffs(clf, a, b, "holdout"), diffs(clf, a, b)
+                if d_hold:
+                    out.append(f"  {clf:<16} {a + ' - ' + b:<36} holdout {_mean_sd(d_hold):>13}   "
+                               f"train tiles {_mean_sd(d_train):>13}")
+        return out
+
+    weaktr_lines = paired_lines(("weaktr_pruned", "weaktr_unpruned"), weaktr_pairs)
     if weaktr_lines:
         lines += ["", "WeakTr: paired differences on the same classifier (mIoU points, mean ± sd over seeds):",
                   *weaktr_lines]
-    family = [(seed, r) for seed in seeds for r in results[seed]["rows"] if r["method"] == "refined_weaktr_1"]
-    if family:
-        lines += ["", "refinement of each seed's best WeakTr pipeline (chosen on the holdout among the WeakTr "
+    pcm_pairs = [("pcm", "gradcam"), ("pcm_hires", "pcm"), ("pcm_all", "pcm")]
+    pcm_lines = paired_lines(("pcm_pruned", "pcm_unpruned"), pcm_pairs)
+    for a, b in (("pcm_unpruned", "class_tokens_unpruned"), ("pcm_pruned", "class_tokens_pruned")):
+        d = []
+        for seed in seeds:
+            rows = {(r["classifier"], r["method"]): r for r in results[seed]["rows"]}
+            if (a, "pcm") in rows and (b, "class_attention") in rows:
+                d.append(rows[(a, "pcm")]["holdout"]["miou"] - rows[(b, "class_attention")]["holdout"]["miou"])
+        if d:
+            pcm_lines.append(f"  {a + ' pcm - ' + b + ' class_attention':<53} holdout {_mean_sd(d):>13}")
+    if pcm_lines:
+        lines += ["", "ViT-PCM: paired differences (mIoU points, mean ± sd over seeds):", *pcm_lines]
+    for family, name in (("weaktr", "WeakTr"), ("pcm", "ViT-PCM")):
+        refined = [(seed, r) for seed in seeds for r in results[seed]["rows"] if r["method"] == f"refined_{family}_1"]
+        if not refined:
+            continue
+        lines += ["", f"refinement of each seed's best {name} pipeline (chosen on the holdout among the {name} "
                   "classifiers' methods): input masks and iteration 1 on the train tiles, on 'test' (UNet x labels):"]
         gains = []
-        for seed, r in family:
+        for seed, r in refined:
             src = next(x for x in results[seed]["rows"] if x["classifier"] == r["classifier"]
                        and x["method"] == r["refines"])
             gains.append(r["train"]["miou"] - src["train"]["miou"])

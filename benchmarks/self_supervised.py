@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _seeds import mean_sd, seed_benchmark_main
+from _seeds import add_seed_arguments, mean_sd, seed_benchmark_main
 
 CLASSIFIERS = ("vit_unpruned", "class_tokens_unpruned")
 INITS = ("scratch", "barlow_twins")
@@ -33,16 +33,11 @@ INITS = ("scratch", "barlow_twins")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", type=Path, default=Path("runs/ssl"))
+    add_seed_arguments(p, "runs/ssl")
     p.add_argument("--vit_epochs", type=int, default=30)
     p.add_argument("--pretrain_epochs", type=int, default=60)
     p.add_argument("--probe", action="store_true", help="also the linear probe of both backbones")
     p.add_argument("--probe_epochs", type=int, default=30)
-    p.add_argument("--aggregate", type=Path, help="only aggregate the finished seeds in this folder")
-    p.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)
     return p
 
 

@@ -63,7 +63,7 @@ def test_pretrain_then_train_pseudomasks_evaluate(tiny_dfc: Path, tmp_path: Path
 def test_backbone_loads_into_every_classifier_gates_included(tmp_path: Path, arch: str, extra: dict) -> None:
     from weakseg.models.pretrained import load_pretrained
     from weakseg.models.vit import ViTConfig
-    from weakseg.models.weaktr import build_classifier
+    from weakseg.models.architectures import build_classifier
     from weakseg.tasks.pretraining import BarlowTwinsTask
 
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ def test_weaktr_loads_a_timm_checkpoint_with_the_cls_token_repeated(tmp_path: Pa
     from weakseg.models.architectures import get_architecture
     from weakseg.models.pretrained import load_pretrained
     from weakseg.models.vit import ViTConfig, build_vit
-    from weakseg.models.weaktr import build_classifier
+    from weakseg.models.architectures import build_classifier
 
     source = build_vit(img_size=(32, 32), patch_size=8, in_chans=3, embed_dim=24, depth=2, num_heads=4,
                        num_classes=10, gated=False)

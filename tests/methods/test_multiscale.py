@@ -14,7 +14,7 @@ from weakseg.models.vit import GatedViT, ViTConfig
 def _model(**kw) -> GatedViT:
     torch.manual_seed(0)
     cfg = dict(img_size=(16, 16), patch_size=4, in_chans=3, embed_dim=16, depth=2, num_heads=2, num_classes=3)
-    from weakseg.models.weaktr import build_classifier
+    from weakseg.models.architectures import build_classifier
 
     return build_classifier(ViTConfig(**{**cfg, **kw})).eval()
 

@@ -9,7 +9,7 @@ from weakseg.methods import METHODS, AttentionClustering, ClassAttention, GradCA
 from weakseg.methods.base import parse_blocks
 from weakseg.models.vit import build_vit
 
-NAMES = ["attention", "class_attention", "gradcam", "top_class", "weaktr"]
+NAMES = ["attention", "class_attention", "gradcam", "pcm", "top_class", "weaktr"]
 
 
 def test_every_method_is_registered_under_its_own_name() -> None:
@@ -31,7 +31,7 @@ def test_get_method_builds_an_instance_with_its_options() -> None:
 
 def test_unknown_method_lists_the_names() -> None:
     with pytest.raises(ConfigError, match=r"unknown method 'cam' \(--method\); choose from "
-                                          r"\['attention', 'class_attention', 'gradcam', 'top_class', 'weaktr'\]"):
+                                          r"\['attention', 'class_attention', 'gradcam', 'pcm', 'top_class', 'weaktr'\]"):
         get_method("cam")
 
 

@@ -10,7 +10,7 @@ from weakseg.methods import get_method
 from weakseg.methods.weaktr import weaktr_cams
 from weakseg.models.architectures import get_architecture
 from weakseg.models.vit import ViTConfig, build_vit
-from weakseg.models.weaktr import build_classifier
+from weakseg.models.architectures import build_classifier
 
 C = 3
 

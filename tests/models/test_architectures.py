@@ -14,7 +14,7 @@ def test_get_architecture_by_name_and_unknown_names_list_the_choices() -> None:
     assert get_architecture("class_tokens").name == "class_tokens"
     with pytest.raises(ConfigError,
                        match=r"unknown architecture 'tokens' \(--arch\); "
-                             r"choose from \['class_tokens', 'vit', 'weaktr'\]"):
+                             r"choose from \['class_tokens', 'pcm', 'vit', 'weaktr'\]"):
         get_architecture("tokens")
 
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.errors import ConfigError
-from weakseg.models.architectures import architecture_of, get_architecture
+from weakseg.models.architectures import architecture_of, build_classifier, get_architecture
 from weakseg.models.vit import ViTConfig
-from weakseg.models.weaktr import AdaptiveAttentionFusion, WeakTrViT, build_classifier
+from weakseg.models.weaktr import AdaptiveAttentionFusion, WeakTrViT
 
 C, D, L, H = 3, 16, 2, 4
 

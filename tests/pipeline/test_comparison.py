@@ -70,3 +70,19 @@ def test_a_second_refined_pipeline_gets_its_own_group_title():
     lines = format_comparison_table(rows, best).splitlines()
     titles = [line for line in lines if line.startswith("refined with a UNet")]
     assert titles == ["refined with a UNet: A + Grad-CAM", "refined with a UNet: B + WeakTr fused"]
+
+
+def test_oracle_holdout_scores_every_method_with_ground_truth_labels(tiny_dfc, tmp_path):
+    """ViT-PCM in the comparison: each row has the holdout scored with predicted and with ground-truth labels;
+    the label-free mode (--masking none) reads no labels, so its two scores agree."""
+    from weakseg.pipeline.comparison import ComparisonConfig, run_comparison
+
+    small = {"imgsize": [32, 32], "embed_dim": 24, "depth": 2, "num_heads": 4, "train_batch_size": 8}
+    res = run_comparison(ComparisonConfig(datadir=str(tiny_dfc), output_dir=str(tmp_path), vit_epochs=1,
+                                          iterations=0, supervised=False, classifiers=("pcm_unpruned",),
+                                          train_overrides=small, oracle_holdout=True), progress=lambda line: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {m.key for m in METHODS_BY_ARCH["pcm"]}
+    assert all(0 <= r["holdout_oracle"]["miou"] <= 1 for r in rows.values())
+    assert rows["pcm_all"]["holdout_oracle"]["miou"] == rows["pcm_all"]["holdout"]["miou"]
+    assert (tmp_path / "pseudomasks" / "pcm_unpruned" / "pcm_holdout_oracle" / "manifest.csv").is_file()

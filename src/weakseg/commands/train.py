@@ -77,6 +77,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cam_fusion", choices=["fused", "coarse", "attention"],
                    help="weaktr: CAM before patch-attention refinement: class attention x coarse CAM (fused, "
                         "default), the coarse CAM or the class attention alone")
+    g.add_argument("--pcm_head", choices=["linear", "bilstm"],
+                   help="pcm: patch classifier on the patch features (linear, default: measured better on the "
+                        "holdout) or after the paper's H-V BiLSTM (bilstm)")
+    g.add_argument("--pcm_lstm_hidden", type=int, help="pcm: BiLSTM units per direction (default embed_dim / 4)")
+    g.add_argument("--pcm_dropout", type=float, help="pcm: dropout before the BiLSTM and the classifier (0.2)")
+    g.add_argument("--pcm_l2", type=float, help="pcm: weight of the L2 term on the patch classifier (0.01; 0 off)")
+    g.add_argument("--pcm_et_weight", type=float,
+                   help="pcm: weight of the equivariance loss (2x2 mosaic student vs eval-mode teacher; 1; 0 off)")
+    g.add_argument("--pcm_et_crop", type=float,
+                   help="pcm: probability of the grid-aligned 1/3 crop in the equivariance loss's second view (0.3)")
     g.add_argument("--num_register_tokens", type=int, help="register tokens (default: class_tokens 1, vit 0)")
     g.add_argument("--token_mask_rate", type=float,
                    help="class_tokens: probability of masking an absent class's token in training (default: 0 with "
@@ -89,6 +99,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_heads", type=int)
     g.add_argument("--mlp_ratio", type=float)
     g.add_argument("--pretrained", help="local timm/DeiT/DINO ViT checkpoint to start from")
+    g.add_argument("--frozen_epochs", type=int,
+                   help="two-stage schedule: epochs at the start in which only the heads learn (0; ViT-PCM: 1)")
+    g.add_argument("--trainable_blocks", metavar="K|none",
+                   help="two-stage schedule: only the last K blocks and the final norm of the backbone learn "
+                        "(none: all; ViT-PCM: 5)")
+    g.add_argument("--frozen_lr", metavar="LR|none",
+                   help="learning rate of the --frozen_epochs (none: --learning_rate; ViT-PCM: 1e-3 then 1e-4)")
     g = p.add_argument_group("pruning")
     g.add_argument("--prune", action=bool_flag, help="Hard Concrete gate per head; prune to the target (default) "
                                                      "or with the paper's L0 penalty (--target_pruned_fraction none)")

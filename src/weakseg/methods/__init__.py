@@ -7,6 +7,8 @@ contract (:mod:`weakseg.models.vit`) and share the mask rules of :mod:`weakseg.m
   (Hanna & Borth, ICCV 2025); needs a classifier trained with ``--arch class_tokens``.
 - ``weaktr`` (:mod:`~weakseg.methods.weaktr`): WeakTr's fine CAMs (Zhu et al., IEEE TIP); needs a classifier
   trained with ``--arch weaktr``.
+- ``pcm`` (:mod:`~weakseg.methods.pcm`): ViT-PCM's per-patch class probabilities masked to the image's labels
+  (Rossetti et al., ECCV 2022); needs a classifier trained with ``--arch pcm``.
 - ``gradcam`` (:mod:`~weakseg.methods.gradcam`): Grad-CAM on the ViT (the baseline).
 - ``top_class`` (:mod:`~weakseg.methods.top_class`): the floor, every pixel = the top predicted class.
 
@@ -27,12 +29,13 @@ from weakseg.methods.attention_clustering import (
 from weakseg.methods.base import ClassMapMethod, PseudomaskMethod
 from weakseg.methods.class_attention import ClassAttention, class_attention_maps
 from weakseg.methods.gradcam import GradCAM, gradcam_maps, gradcam_pseudomasks
+from weakseg.methods.pcm import PatchClassMapping, pcm_class_maps
 from weakseg.methods.top_class import TopClass, top_class_pseudomasks
 from weakseg.methods.weaktr import WeakTrCAM, weaktr_cams
 
 #: Every method, by its ``--method`` name.
 METHODS: dict[str, type[PseudomaskMethod]] = {
-    m.name: m for m in (AttentionClustering, ClassAttention, GradCAM, TopClass, WeakTrCAM)
+    m.name: m for m in (AttentionClustering, ClassAttention, GradCAM, PatchClassMapping, TopClass, WeakTrCAM)
 }
 
 
@@ -53,6 +56,7 @@ __all__ = [
     "ClassAttention",
     "ClassMapMethod",
     "GradCAM",
+    "PatchClassMapping",
     "PseudomaskMethod",
     "TopClass",
     "WeakTrCAM",
@@ -62,6 +66,7 @@ __all__ = [
     "gradcam_maps",
     "gradcam_pseudomasks",
     "head_maps_from_model",
+    "pcm_class_maps",
     "relabel_regions",
     "top_class_pseudomasks",
     "weaktr_cams",

@@ -16,12 +16,14 @@ Methods whose evidence is one map per class derive from :class:`ClassMapMethod` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,6 +32,19 @@ from weakseg.masks.result import PseudomaskResult
 from weakseg.masks.rules import DEFAULT_BACKGROUND_THRESHOLD, MASK_RULES, NORMALIZATIONS, class_maps_to_masks
 from weakseg.models.architectures import ARCHITECTURES, architecture_of
 from weakseg.models.vit import GatedViT
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: GatedViT) -> Iterator[GatedViT]:
+    """``model`` in eval mode and without gradient inside the block, its train/eval mode restored afterwards
+    (also on an error): how a method reads maps from a classifier that may be in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def option(default: Any, help: str, choices: Iterable[Any] | None = None) -> Any:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from weakseg.masks.rules import NORMALIZATIONS
-from weakseg.methods.base import RULE_CHOICES, ClassMapMethod, ClassMapOptions, option
+from weakseg.methods.base import RULE_CHOICES, ClassMapMethod, ClassMapOptions, evaluation_mode, option
 from weakseg.models.vit import GatedViT
 
 CAM_CHOICES = ("fine", "fused", "coarse")
@@ -55,14 +55,9 @@ def weaktr_cams(model: GatedViT, images: Tensor, cam: str = "fine") -> Tensor:
     """WeakTr's CAMs of one view, (B, C, h, w), non-negative; the model must be a WeakTr classifier."""
     if cam not in CAM_CHOICES:
         raise ValueError(f"cam must be one of {list(CAM_CHOICES)}, got {cam!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model.forward_features(images, attention_blocks=range(model.cfg.depth), attention_outputs=True)
-            maps = model.weaktr_maps(out)  # type: ignore[attr-defined]
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        out = model.forward_features(images, attention_blocks=range(model.cfg.depth), attention_outputs=True)
+        maps = model.weaktr_maps(out)  # type: ignore[attr-defined]
     if cam == "coarse":
         return maps["coarse_logits"].clamp_min(0)
     return maps["fine_cam" if cam == "fine" else "fused_cam"]

@@ -25,6 +25,10 @@ masking by default.
   one class token per class, logit c = the mean of token c's channels, no final norm, plus a conv CAM head and
   Adaptive Attention Fusion (``--aaf v2|v1|random``) trained by two more multi-label losses. ``--method weaktr``
   reads its fine CAMs; class attention and Grad-CAM read it too (it has class tokens).
+- ``pcm``: ViT-PCM (Rossetti et al., ECCV 2022; ``vit_pcm.md``; :mod:`weakseg.models.pcm`): one CLS token that no
+  head reads; every patch token is classified with a softmax over the classes (after an optional H-V BiLSTM,
+  ``--pcm_head``) and the image logits are the global max over the patches. ``--method pcm`` reads the per-patch
+  probabilities; Grad-CAM reads it too.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Architecture:
         final_norm: default of the LayerNorm before the heads.
         aaf: default WeakTr AAF variant (None: no WeakTr heads).
         head_types: the heads ``--class_token_head`` may choose (the first is the default).
+        patch_classifier: default ViT-PCM patch classifier (None: no PCM head).
     """
 
     name: str
@@ -60,6 +65,7 @@ class Architecture:
     final_norm: bool = True
     aaf: str | None = None
     head_types: tuple[str, ...] = ()
+    patch_classifier: str | None = None
 
     def default_token_mask_rate(self, head_type: str | None = None) -> float:
         """The masking rate this architecture trains with for ``head_type`` (default: its own head)."""
@@ -84,6 +90,8 @@ class Architecture:
         }
         if self.aaf is not None:
             fields["aaf"] = self.aaf
+        if self.patch_classifier is not None:
+            fields["patch_classifier"] = self.patch_classifier
         return fields
 
 
@@ -107,6 +115,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         class_tokens=True, head_type="mean", num_register_tokens=0, token_mask_rate={},
         final_norm=False, aaf="v2", head_types=("mean", "per_class"),
     ),
+    "pcm": Architecture(
+        name="pcm",
+        summary="patch-class mapping: softmax per patch (after an optional H-V BiLSTM), global max pooling, "
+                "equivariance loss (ViT-PCM, Rossetti et al., ECCV 2022)",
+        class_tokens=False, head_type="pooled", num_register_tokens=0, token_mask_rate={},
+        patch_classifier="linear",
+    ),
 }
 
 
@@ -121,4 +136,21 @@ def architecture_of(model_config: Any) -> str:
     """The architecture name a :class:`~weakseg.models.vit.ViTConfig` corresponds to."""
     if getattr(model_config, "aaf", None) is not None:
         return "weaktr"
+    if getattr(model_config, "patch_classifier", None) is not None:
+        return "pcm"
     return "class_tokens" if model_config.has_class_tokens else "vit"
+
+
+def build_classifier(cfg: Any) -> Any:
+    """The classifier a :class:`~weakseg.models.vit.ViTConfig` describes: :class:`~weakseg.models.weaktr.WeakTrViT`
+    when it names an AAF variant, :class:`~weakseg.models.pcm.PCMViT` when it names a patch classifier, else the
+    plain :class:`~weakseg.models.vit.GatedViT`."""
+    from weakseg.models.pcm import PCMViT
+    from weakseg.models.vit import GatedViT
+    from weakseg.models.weaktr import WeakTrViT
+
+    if cfg.aaf is not None:
+        return WeakTrViT(cfg)
+    if cfg.patch_classifier is not None:
+        return PCMViT(cfg)
+    return GatedViT(cfg)

@@ -80,6 +80,11 @@ class ViTConfig:
         aaf_pool: token pooling of AAF v2's per-map features, ``"max"`` (the VOC recipe) or ``"avg"``.
         cam_fusion: WeakTr's CAM before patch-attention refinement: ``"fused"`` (fused class attention times the
             coarse CAM, the default), ``"coarse"`` or ``"attention"``.
+        patch_classifier: ViT-PCM's patch-class mapping (:class:`weakseg.models.pcm.PCMViT`; Rossetti et al.,
+            ECCV 2022): ``"linear"`` (the classifier on the patch features) or ``"bilstm"`` (after the H-V
+            BiLSTM); the logits are the global max over the patches' softmax. None = no PCM head.
+        pcm_lstm_hidden: hidden units per direction of the BiLSTM (None: embed_dim / 4, ViT-B's 192).
+        pcm_dropout: dropout before the BiLSTM, its inputs and the patch classifier (0.2 as the original).
     """
 
     img_size: tuple[int, int] = (64, 64)
@@ -105,6 +110,9 @@ class ViTConfig:
     aaf_reduction: int | None = None
     aaf_pool: str = "max"
     cam_fusion: str = "fused"
+    patch_classifier: str | None = None
+    pcm_lstm_hidden: int | None = None
+    pcm_dropout: float = 0.2
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -148,6 +156,16 @@ class ViTConfig:
                 raise ConfigError(f"cam_fusion must be one of {list(CAM_FUSIONS)}, got {self.cam_fusion!r}")
             if self.aaf_reduction is not None and self.aaf_reduction < 1:
                 raise ConfigError(f"aaf_reduction must be at least 1, got {self.aaf_reduction} (--aaf_reduction)")
+        if self.patch_classifier is not None:
+            if self.patch_classifier not in ("linear", "bilstm"):
+                raise ConfigError(f"patch_classifier must be 'linear' or 'bilstm', got {self.patch_classifier!r} "
+                                  "(--pcm_head)")
+            if self.aaf is not None or self.head_type != "pooled" or self.num_cls_tokens != 1:
+                raise ConfigError("ViT-PCM's patch classifier (--arch pcm) takes one CLS token and no other head")
+            if self.pcm_lstm_hidden is not None and self.pcm_lstm_hidden < 1:
+                raise ConfigError(f"pcm_lstm_hidden must be at least 1, got {self.pcm_lstm_hidden} (--pcm_lstm_hidden)")
+            if not 0.0 <= self.pcm_dropout < 1.0:
+                raise ConfigError(f"pcm_dropout must be in [0, 1), got {self.pcm_dropout} (--pcm_dropout)")
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -145,7 +145,3 @@ class WeakTrViT(GatedViT):
         maps = self.weaktr_maps(out)
         return {"coarse": maps["coarse_logits"].mean(dim=(2, 3)), "fine": maps["fine_cam"].mean(dim=(2, 3))}
 
-
-def build_classifier(cfg: ViTConfig) -> GatedViT:
-    """The classifier a :class:`ViTConfig` describes: :class:`WeakTrViT` when it names an AAF variant."""
-    return WeakTrViT(cfg) if cfg.aaf is not None else GatedViT(cfg)

@@ -3,8 +3,9 @@
 
 The rules it follows (the README's "Results" section shows its table):
 
-- **Same classifier.** Four classifiers are trained on the same tiles with the same seed: the one-CLS ViT
-  (``--arch vit``) and the class-token ViT (``--arch class_tokens``), each with and without head pruning. Every
+- **Same classifier.** The classifiers are trained on the same tiles with the same seed: the demo's four are the
+  one-CLS ViT (``--arch vit``) and the class-token ViT (``--arch class_tokens``), each with and without head
+  pruning; ``benchmarks/quality.py`` adds WeakTr (``--arch weaktr``) and ViT-PCM (``--arch pcm``). Every
   method that can read a classifier is run on it, so each row of a classifier's group differs only in the method.
 - **Nothing chosen on a reported number.** The classifiers train on ``validation:train`` and pick their
   checkpoint on the image labels of ``validation:holdout`` (:mod:`weakseg.data.splits`). Pseudomasks are made for
@@ -14,6 +15,8 @@ The rules it follows (the README's "Results" section shows its table):
 - **One checkpoint per row.** The holdout score (the ``--checkpoint_metric`` that chose it) and heads pruned of a row are those of the checkpoint whose masks the
   row scores (:func:`weakseg.pipeline.train.describe_checkpoint`), not of the last epoch.
 - **Predicted labels.** Every row uses the classifier's predicted image labels (``p > 0.5``), as a user would.
+  With ``oracle_holdout`` each row also scores the holdout with the ground-truth image labels (``--oracle``): the
+  bound of the map stage alone, which separates a method whose maps fail from one whose label prediction does.
 - **Refinement** trains the UNet on the best pipeline's masks of the ``validation:train`` tiles; its predictions
   are weighted by that classifier's image-label probabilities (:mod:`weakseg.pipeline.refine`), on the training
   tiles (the next pseudomasks) and on ``test`` (classifier + UNet, as on new tiles); ``test`` is also scored with
@@ -82,6 +85,8 @@ CLASSIFIERS: tuple[ClassifierSpec, ...] = (
     ClassifierSpec("class_tokens_unpruned", "class tokens, unpruned", "class_tokens", False),
     ClassifierSpec("weaktr_pruned", "WeakTr, pruned", "weaktr", True),
     ClassifierSpec("weaktr_unpruned", "WeakTr, unpruned", "weaktr", False),
+    ClassifierSpec("pcm_pruned", "ViT-PCM, pruned", "pcm", True),
+    ClassifierSpec("pcm_unpruned", "ViT-PCM, unpruned", "pcm", False),
 )
 #: The classifiers ``weakseg demo`` trains (``benchmarks/quality.py`` trains every one of :data:`CLASSIFIERS`).
 DEMO_CLASSIFIERS: tuple[str, ...] = ("vit_pruned", "vit_unpruned", "class_tokens_pruned", "class_tokens_unpruned")
@@ -108,6 +113,15 @@ METHODS_BY_ARCH: dict[str, tuple[MethodSpec, ...]] = {
         MethodSpec("weaktr_fused", "WeakTr fused CAM (no patch refinement)", "weaktr", (("cam", "fused"),)),
         MethodSpec("weaktr_coarse", "WeakTr coarse CAM (conv head)", "weaktr", (("cam", "coarse"),)),
     ),
+    "pcm": (
+        MethodSpec("top_class", "top-class floor", "top_class", floor=True),
+        MethodSpec("gradcam", "Grad-CAM", "gradcam"),
+        MethodSpec("pcm", "ViT-PCM patch argmax (training size)", "pcm", (("masking", "labels"), ("scales", "1"))),
+        MethodSpec("pcm_hires", "ViT-PCM patch argmax at 2.5x (as released)", "pcm",
+                   (("masking", "labels"), ("scales", "2.5"))),
+        MethodSpec("pcm_all", "ViT-PCM patch argmax over all classes (no labels)", "pcm",
+                   (("masking", "none"), ("scales", "1"))),
+    ),
 }
 
 
@@ -126,6 +140,8 @@ class ComparisonConfig:
         classifiers: names from :data:`CLASSIFIERS` to train.
         train_overrides: extra :class:`~weakseg.pipeline.train.TrainConfig` settings for every classifier.
         refine_overrides: extra :class:`~weakseg.pipeline.refine.RefineConfig` settings.
+        oracle_holdout: also score each method's holdout masks made with the ground-truth image labels
+            (``holdout_oracle`` of a row; never used to choose anything).
         refine_best_of: architectures whose own best pipeline (on the holdout, among the rows of the method named
             like the architecture) is refined too, beside the best pipeline overall (``benchmarks/quality.py``: WeakTr's refined masks are reported whichever wins).
     """
@@ -141,9 +157,10 @@ class ComparisonConfig:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     refine_overrides: dict[str, Any] = field(default_factory=dict)
     refine_best_of: tuple[str, ...] = ()
+    oracle_holdout: bool = False
 
 
-STAGE_DIRS = ("classifiers", "pseudomasks", "refine", "supervised", "refine_weaktr")
+STAGE_DIRS = ("classifiers", "pseudomasks", "refine", "supervised", "refine_weaktr", "refine_pcm")
 
 
 def _scores(folder: Path, split: str, datadir: str) -> dict[str, Any]:
@@ -208,11 +225,19 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
                                                m.method, method_options=m.options_dict(), progress=False,
                                                overwrite=True, batch_size=64, figures=False)
                 folders[part] = (folder, summary)
+            oracle_scores = None
+            if cfg.oracle_holdout:
+                folder = out / "pseudomasks" / spec.name / f"{m.key}_holdout_oracle"
+                generate_pseudomasks(Path(run["best_checkpoint"]), Path(cfg.datadir), HOLDOUT_PART, folder, m.method,
+                                     method_options=m.options_dict(), oracle=True, progress=False, overwrite=True,
+                                     batch_size=64, figures=False)
+                oracle_scores = _short(_scores(folder, HOLDOUT_PART, cfg.datadir))
             rows.append({
                 "classifier": spec.name, "classifier_label": spec.label, "method": m.key, "label": m.label,
                 "floor": m.floor, "masks": str(folders["train"][0]),
                 "train": _short(_scores(folders["train"][0], TRAIN_PART, cfg.datadir)),
                 "holdout": _short(_scores(folders["holdout"][0], HOLDOUT_PART, cfg.datadir)),
+                "holdout_oracle": oracle_scores,
                 "test": _short(_scores(folders["test"][0], TEST_SPLIT, cfg.datadir)),
                 "assignment": folders["train"][1].get("assignment"),
                 "checkpoint_score": best.get("val_score"), "checkpoint_metric": best.get("monitor"),

@@ -77,7 +77,10 @@ class TrainConfig:
     without and with only its holdout). ``num_register_tokens``, ``class_token_head`` and ``token_mask_rate``
     None take the architecture's defaults (:mod:`weakseg.models.architectures`), and so does ``final_norm``
     None (on, except for ``weaktr``, whose heads read the tokens before the final norm). ``aaf``,
-    ``aaf_reduction``, ``aaf_pool`` and ``cam_fusion`` configure ``--arch weaktr`` (:mod:`weakseg.models.weaktr`).
+    ``aaf_reduction``, ``aaf_pool`` and ``cam_fusion`` configure ``--arch weaktr`` (:mod:`weakseg.models.weaktr`);
+the ``pcm_*`` settings configure ``--arch pcm`` (:mod:`weakseg.models.pcm`; ``pcm_head`` None: the architecture's default, linear).
+``frozen_epochs``, ``trainable_blocks`` and ``frozen_lr`` are the two-stage schedule of any architecture
+(:class:`~weakseg.tasks.classification.ClassificationTask`).
 
     Pruning (with ``prune``): ``target_pruned_fraction`` (ours) prunes that fraction of the heads, reached over the
     first ``target_warmup`` of the run; None uses the paper's ``pr_rate * L0`` instead (``pr_rate`` None = 0.2),
@@ -107,6 +110,15 @@ class TrainConfig:
     aaf_reduction: int | None = None
     aaf_pool: str = "max"
     cam_fusion: str = "fused"
+    pcm_head: str | None = None
+    pcm_lstm_hidden: int | None = None
+    pcm_dropout: float = 0.2
+    pcm_l2: float = 0.01
+    pcm_et_weight: float = 1.0
+    pcm_et_crop: float = 0.3
+    frozen_epochs: int = 0
+    trainable_blocks: int | None = None
+    frozen_lr: float | None = None
     token_mask_rate: float | None = None
     diversity_weight: float = 0.0
     prune: bool = False
@@ -267,6 +279,15 @@ TRAIN_CHECKS: dict[str, Check | list[Check]] = {
     "aaf_reduction": at_least(1),
     "aaf_pool": one_of(["max", "avg"]),
     "cam_fusion": one_of(["fused", "coarse", "attention"]),
+    "pcm_head": one_of(["linear", "bilstm"]),
+    "pcm_lstm_hidden": at_least(1),
+    "pcm_dropout": between(0, 1),
+    "pcm_l2": at_least(0),
+    "pcm_et_weight": at_least(0),
+    "pcm_et_crop": between(0, 1),
+    "frozen_epochs": at_least(0),
+    "trainable_blocks": at_least(0),
+    "frozen_lr": positive(),
     "token_mask_rate": between(0, 1),
     "diversity_weight": at_least(0),
     "target_pruned_fraction": target_fraction_check,
@@ -394,6 +415,25 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if weaktr_only and arch.aaf is None:
         raise ConfigError(f"--{' / --'.join(weaktr_only)} configure WeakTr's heads and need --arch weaktr "
                           f"(--arch is {cfg.arch})")
+    defaults = TrainConfig()
+    pcm_only = [k for k in ("pcm_head", "pcm_lstm_hidden", "pcm_dropout", "pcm_l2", "pcm_et_weight", "pcm_et_crop")
+                if getattr(cfg, k) != getattr(defaults, k)]
+    if pcm_only and arch.patch_classifier is None:
+        raise ConfigError(f"--{' / --'.join(pcm_only)} configure ViT-PCM and need --arch pcm (--arch is {cfg.arch})")
+    if cfg.trainable_blocks is not None and cfg.trainable_blocks > cfg.depth:
+        raise ConfigError(f"--trainable_blocks {cfg.trainable_blocks} is more than the model's {cfg.depth} blocks "
+                          "(--depth)")
+    if cfg.frozen_epochs >= cfg.num_epochs:
+        raise ConfigError(f"--frozen_epochs {cfg.frozen_epochs} leaves no epoch in which the backbone learns "
+                          f"(--num_epochs {cfg.num_epochs})")
+    if cfg.frozen_lr is not None and not cfg.frozen_epochs:
+        raise ConfigError("--frozen_lr is the learning rate of the --frozen_epochs, which is 0")
+    if arch.patch_classifier is not None and cfg.pcm_et_weight > 0:
+        side = 2 * cfg.patch_size
+        if any(s % side for s in cfg.imgsize):
+            raise ConfigError(f"--arch pcm's equivariance loss tiles four half-size views into one input, so the "
+                              f"image size {'x'.join(map(str, cfg.imgsize))} must be a multiple of 2 x the patch size "
+                              f"({side}; --imgsize / --patch_size), or switch it off with --pcm_et_weight 0")
     datadir = ensure_data(cfg)
     train_split, val_split = resolve_splits(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -422,6 +462,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if arch.aaf is not None:  # WeakTr's heads (models/weaktr.py)
         arch_fields.update(aaf=cfg.aaf, aaf_reduction=cfg.aaf_reduction, aaf_pool=cfg.aaf_pool,
                            cam_fusion=cfg.cam_fusion)
+    if arch.patch_classifier is not None:  # ViT-PCM's patch classifier (models/pcm.py)
+        arch_fields.update(patch_classifier=cfg.pcm_head or arch.patch_classifier,
+                           pcm_lstm_hidden=cfg.pcm_lstm_hidden, pcm_dropout=cfg.pcm_dropout)
     model_cfg = ViTConfig(
         img_size=tuple(cfg.imgsize), patch_size=cfg.patch_size, in_chans=in_chans,
         s1_chans=2 if cfg.multimodal else 0, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
@@ -439,7 +482,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         weight_decay=cfg.weight_decay, gate_lr_scale=cfg.gate_lr_scale, lr_scheduler=cfg.lr_scheduler,
         warmup_epochs=cfg.warmup_epochs, class_names=list(reader.class_names), data_config=dm.data_config,
         pretrained=cfg.pretrained, token_mask_rate=token_mask_rate, diversity_weight=cfg.diversity_weight,
-        arch=arch.name,
+        arch=arch.name, pcm_l2=cfg.pcm_l2, pcm_et_weight=cfg.pcm_et_weight, pcm_et_crop=cfg.pcm_et_crop,
+        frozen_epochs=cfg.frozen_epochs, trainable_blocks=cfg.trainable_blocks, frozen_lr=cfg.frozen_lr,
     )
     n_params = sum(p.numel() for p in task.model.parameters())
     h, w = model_cfg.grid_size

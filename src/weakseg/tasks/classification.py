@@ -29,6 +29,20 @@ IEEE TIP, ``weaktr.md`` 2: ``L = MLSM(y_cls) + MLSM(y_coarse) + MLSM(y_fine)``; 
 is the mean BCE-with-logits). Their gradient routing is the model's (:mod:`weakseg.models.weaktr`). The logged
 ``train_bce``/``val_loss`` and every metric are those of the head's logits, so checkpoints compare across
 architectures.
+
+ViT-PCM (``--arch pcm``; Rossetti et al., ECCV 2022, ``vit_pcm.md`` 2; :mod:`weakseg.models.pcm`): its logits are
+``logit(max_p softmax_p)``, so the shared BCE-with-logits is the original's BCE on the pooled probabilities; two
+terms are added, each switchable: ``pcm_l2 * ||W||^2`` of the patch classifier (0.01, in the loss as the paper,
+not AdamW decay: the classifier's weights are excluded from decay) and ``pcm_et_weight * L_ET``, the
+equivariant-transformation consistency of a 2x2 mosaic student against an eval-mode teacher
+(:mod:`weakseg.tasks.equivariance`).
+
+**Two-stage schedule** (any architecture; ViT-PCM's recipe, ``vit_pcm.md`` 3): ``trainable_blocks`` k keeps the
+patch and position embeddings, the prefix tokens and all but the last k blocks frozen for the whole run (they are
+not given to the optimiser); ``frozen_epochs`` trains only what is not the backbone (heads, BiLSTM, CAM head, AAF)
+for the first epochs at ``frozen_lr``, then the last k blocks and the final norm join at ``lr``. In the frozen
+epochs the backbone's learning rate is 0 (its gradients are still computed, so DDP sees every parameter used) and
+its optimiser state is cleared when it joins, as a fresh optimiser would start it.
 """
 
 from __future__ import annotations
@@ -53,7 +67,7 @@ from weakseg.models.architectures import architecture_of
 from weakseg.models.pretrained import load_pretrained
 from weakseg.models.hard_concrete import close_lowest_heads, heads_to_close, ramped_target
 from weakseg.models.vit import BackboneOutput, ViTConfig
-from weakseg.models.weaktr import build_classifier
+from weakseg.models.architectures import build_classifier
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 
@@ -90,6 +104,12 @@ class ClassificationTask(L.LightningModule):
             models only; 0 = off).
         diversity_weight: weight of the class-map diversity loss (class-token models only; 0 = off).
         arch: architecture name (:mod:`weakseg.models.architectures`), recorded for the pseudomask methods.
+        pcm_l2: weight of ViT-PCM's L2 term on the patch classifier (0.01 as the paper; 0 = off).
+        pcm_et_weight: weight of ViT-PCM's equivariance loss (1 as the paper; 0 = off).
+        pcm_et_crop: probability of the grid-aligned crop of the equivariance loss's second view (VOC: 0.3).
+        frozen_epochs: epochs at the start in which the backbone does not learn (module docstring; 0 = none).
+        trainable_blocks: the last k blocks (and the final norm) that learn; None = the whole backbone.
+        frozen_lr: learning rate of the frozen epochs (None: ``lr``).
     """
 
     def __init__(
@@ -114,6 +134,12 @@ class ClassificationTask(L.LightningModule):
         token_mask_rate: float = 0.0,
         diversity_weight: float = 0.0,
         arch: str | None = None,
+        pcm_l2: float = 0.01,
+        pcm_et_weight: float = 1.0,
+        pcm_et_crop: float = 0.3,
+        frozen_epochs: int = 0,
+        trainable_blocks: int | None = None,
+        frozen_lr: float | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "adam", "sgd"):
@@ -132,6 +158,14 @@ class ClassificationTask(L.LightningModule):
                 "--token_mask_rate and --diversity_weight need one class token per class (--arch class_tokens)"
             )
         self.model = build_classifier(self.model_config)
+        if trainable_blocks is not None and not 0 <= trainable_blocks <= self.model_config.depth:
+            raise ConfigError(f"trainable_blocks must be in [0, depth={self.model_config.depth}], got "
+                              f"{trainable_blocks} (--trainable_blocks)")
+        if frozen_epochs < 0:
+            raise ConfigError(f"frozen_epochs must be at least 0, got {frozen_epochs} (--frozen_epochs)")
+        for name, p in self.model.named_parameters():  # never trained: not given to the optimiser
+            if self.parameter_stage(name) == "fixed":
+                p.requires_grad_(False)
         self._tie_seed = int(torch.initial_seed()) % 2**62  # the --seed of the run (seed_everything), for ties
         if pretrained:
             load_pretrained(self.model, Path(pretrained))
@@ -233,6 +267,9 @@ class ClassificationTask(L.LightningModule):
         if diversity is not None:
             loss = loss + self.hparams.diversity_weight * diversity
             self.log("train_diversity", diversity, batch_size=B)
+        for name, (weight, value) in self.pcm_terms(batch).items():  # ViT-PCM: L2 and equivariance
+            loss = loss + weight * value
+            self.log(f"train_{name}", value, batch_size=B)
         self.log("train_bce", bce, batch_size=B)
         self.log("train_loss", loss, prog_bar=True, batch_size=B)
         self.train_metrics.update(torch.sigmoid(logits.detach()), target.int())
@@ -241,6 +278,57 @@ class ClassificationTask(L.LightningModule):
             self._label_counts += target.detach().sum(0).double().cpu()
             self._label_images += B
         return loss
+
+    @property
+    def is_pcm(self) -> bool:
+        return self.model_config.patch_classifier is not None
+
+    def pcm_terms(self, batch: dict[str, Any]) -> dict[str, tuple[float, Tensor]]:
+        """ViT-PCM's extra training terms by name, as (weight, value): ``pcm_l2`` (the classifier's ``||W||^2``)
+        and ``pcm_et`` (the equivariance loss); empty for other architectures and for terms of weight 0."""
+        if not self.is_pcm:
+            return {}
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if self.hparams.pcm_l2 > 0:
+            terms["pcm_l2"] = (float(self.hparams.pcm_l2), self.model.l2_penalty())
+        if self.hparams.pcm_et_weight > 0:
+            from weakseg.models.pcm import pcm_patch_probabilities
+            from weakseg.tasks.equivariance import equivariance_loss
+
+            model = self.model
+            et = equivariance_loss(model, lambda x: pcm_patch_probabilities(model, x), batch["image"],
+                                   batch["label"], self.model_config.patch_size,
+                                   crop_prob=float(self.hparams.pcm_et_crop))
+            terms["pcm_et"] = (float(self.hparams.pcm_et_weight), et)
+        return terms
+
+    # ---- two-stage schedule -----------------------------------------------------------------------------
+    def parameter_stage(self, name: str) -> str:
+        """Which stage trains parameter ``name``: ``"head"`` (from the start), ``"backbone"`` (after
+        ``frozen_epochs``) or ``"fixed"`` (never: outside the last ``trainable_blocks`` blocks)."""
+        backbone = name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "blocks.", "norm."))
+        if not backbone:
+            return "head"
+        k = self.hparams.get("trainable_blocks")
+        if k is None:
+            return "backbone"
+        if name.startswith("blocks."):
+            return "backbone" if int(name.split(".")[1]) >= self.model_config.depth - int(k) else "fixed"
+        return "backbone" if name.startswith("norm.") else "fixed"
+
+    def frozen_steps(self) -> int:
+        """Optimiser steps of the ``frozen_epochs``."""
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        return int(round(int(self.hparams.get("frozen_epochs") or 0) * self.total_steps() / epochs))
+
+    def on_train_epoch_start(self) -> None:
+        """When the backbone joins (the first epoch after ``frozen_epochs``): clear its optimiser state, which the
+        frozen epochs' gradients filled, so it starts as a fresh optimiser would."""
+        if int(self.hparams.get("frozen_epochs") or 0) and self.current_epoch == int(self.hparams.frozen_epochs):
+            opt = self.optimizers(use_pl_optimizer=False)
+            for name, p in self.model.named_parameters():
+                if self.parameter_stage(name) == "backbone":
+                    opt.state.pop(p, None)
 
     def train_label_frequency(self) -> Tensor | None:
         """(C,) fraction of training images (of the first epoch trained in this process) holding each class."""
@@ -293,20 +381,22 @@ class ClassificationTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         no_decay = self.model.no_weight_decay()
         lr = self.hparams.lr
-        decay_params, plain_params, gate_params = [], [], []
+        staged = int(self.hparams.get("frozen_epochs") or 0) > 0
+        grouped: dict[tuple[str, str], list[Tensor]] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.endswith("log_alpha"):
-                gate_params.append(p)
-            else:
-                (plain_params if name in no_decay else decay_params).append(p)
-        groups = [
-            {"params": decay_params, "weight_decay": self.hparams.weight_decay},
-            {"params": plain_params, "weight_decay": 0.0},
-        ]
-        if gate_params:  # never weight-decayed (defect 6 of the original)
-            groups.append({"params": gate_params, "weight_decay": 0.0, "lr": lr * self.hparams.gate_lr_scale})
+            kind = "gate" if name.endswith("log_alpha") else "plain" if name in no_decay else "decay"
+            stage = self.parameter_stage(name) if staged else "head"
+            grouped.setdefault((stage, kind), []).append(p)
+        groups, stages = [], []
+        for (stage, kind), params in grouped.items():
+            group: dict[str, Any] = {"params": params, "weight_decay": self.hparams.weight_decay if kind == "decay"
+                                     else 0.0}  # gates never weight-decayed (defect 6 of the original)
+            if kind == "gate":
+                group["lr"] = lr * self.hparams.gate_lr_scale
+            groups.append(group)
+            stages.append(stage)
         name = self.hparams.optimizer
         if name == "adamw":
             opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
@@ -314,12 +404,24 @@ class ClassificationTask(L.LightningModule):
             opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95))
         else:
             opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
-        if not self.hparams.lr_scheduler:
+        if not self.hparams.lr_scheduler and not staged:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, int(self.trainer.max_epochs or 1))
         warmup = min(total - 1, int(round(self.hparams.warmup_epochs * total / epochs)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
+        cosine = bool(self.hparams.lr_scheduler)
+        frozen = self.frozen_steps() if staged else 0
+        head_scale = (self.hparams.frozen_lr or lr) / lr
+
+        def factor(stage: str) -> Any:
+            def at(step: int) -> float:
+                f = warmup_cosine(step, warmup, total) if cosine else 1.0
+                if step < frozen:  # the frozen epochs: the backbone waits, the heads learn at frozen_lr
+                    return 0.0 if stage == "backbone" else head_scale * f
+                return f
+            return at
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(s) for s in stages])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
