@@ -31,7 +31,8 @@ def test_pcm_train_pseudomasks_evaluate(tiny_dfc: Path, tmp_path: Path, modality
     assert "train_pcm_et" in header and "train_pcm_l2" in header  # both extra terms trained
     masks = tmp_path / "masks"
     assert main(["pseudomasks", "--model_checkpoint", str(ckpt), "--datadir", str(tiny_dfc), "--split",
-                 "validation:holdout", "--method", "pcm", "--output", str(masks), "--batch_size", "4"]) == 0
+                 "validation:holdout", "--method", "pcm", "--masking", "labels", "--scales", "1", "--output",
+                 str(masks), "--batch_size", "4"]) == 0
     out = capsys.readouterr().out
     assert "pcm" in out and "mIoU" in out  # scored against the holdout's masks
     rows = list(csv.DictReader((masks / "manifest.csv").open()))
@@ -39,12 +40,13 @@ def test_pcm_train_pseudomasks_evaluate(tiny_dfc: Path, tmp_path: Path, modality
     assert {r["reason"].split(";")[0] for r in rows} <= {"pcm_argmax", "single_label", "no_label_above_threshold"}
     assert main(["evaluate", "--datadir", str(tiny_dfc), "--split", "validation:holdout", "--predictions",
                  str(masks)]) == 0
-    oracle = tmp_path / "oracle"  # GT-label masking: every image's labels are its true ones
+    default = tmp_path / "default"  # the defaults: no labels, 2.5 x input
     assert main(["pseudomasks", "--model_checkpoint", str(ckpt), "--datadir", str(tiny_dfc), "--split",
-                 "validation:holdout", "--method", "pcm", "--oracle", "--masking", "none", "--output", str(oracle),
-                 "--no-evaluate"]) == 0
-    rows = list(csv.DictReader((oracle / "manifest.csv").open()))
+                 "validation:holdout", "--method", "pcm", "--output", str(default), "--no-evaluate"]) == 0
+    rows = list(csv.DictReader((default / "manifest.csv").open()))
     assert {r["reason"] for r in rows} == {"pcm_all_classes"}
+    options = json.loads((default / "run.json").read_text())["method_options"]
+    assert (options["masking"], options["scales"]) == ("none", "2.5")
 
 
 def test_pcm_flags_need_the_pcm_arch_and_even_grids(tiny_dfc: Path, tmp_path: Path, capsys) -> None:
@@ -84,7 +86,7 @@ def test_voc_pcm_pipeline(tmp_path: Path, capsys) -> None:
     assert load_classifier(ckpt).model_config.num_classes == 21  # background is a softmax channel
     masks = tmp_path / "masks"
     assert main(["pseudomasks", "--model_checkpoint", str(ckpt), "--datadir", str(data), "--split", "train",
-                 "--method", "pcm", "--oracle", "--scales", "2.5", "--crf", "--output", str(masks)]) == 0
+                 "--method", "pcm", "--oracle", "--masking", "labels", "--crf", "--output", str(masks)]) == 0
     rows = list(csv.DictReader((masks / "manifest.csv").open()))
     assert len(rows) == 18 and all(r["status"] == "ok" for r in rows)
     values = set()

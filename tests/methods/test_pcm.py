@@ -25,7 +25,7 @@ def pcm_model(head: str = "linear"):
 def test_defaults_and_architectures() -> None:
     m = get_method("pcm")
     o = m.options
-    assert (o.rule, o.normalize, o.scales, o.flip, o.masking) == ("argmax", "max", "1", "off", "labels")
+    assert (o.rule, o.normalize, o.scales, o.flip, o.masking) == ("argmax", "max", "2.5", "off", "none")
     assert m.architectures == ("pcm",) and m.trains == "pcm"
     with pytest.raises(ConfigError, match="masking"):
         get_method("pcm", masking="some")
@@ -40,7 +40,7 @@ def test_maps_are_the_patch_softmax_in_eval_mode_and_mode_is_restored() -> None:
     expected = model.patch_probabilities(model.forward_features(x))
     torch.testing.assert_close(maps, expected)
     labels = torch.tensor([[True, False, True], [False, True, True]])
-    restricted = get_method("pcm").class_maps(model, x, labels)
+    restricted = get_method("pcm", masking="labels", scales="1").class_maps(model, x, labels)
     assert torch.all(restricted[0, 1] == 0) and torch.all(restricted[1, 0] == 0)
     torch.testing.assert_close(restricted[0, 2], expected[0, 2])
 
@@ -55,9 +55,10 @@ def test_label_masking_max_normalises_each_class_before_the_argmax(monkeypatch: 
     model = pcm_model()
     labels = torch.tensor([[True, True, False]])
     image_probs = torch.tensor([[0.9, 0.8, 0.1]])
-    res = get_method("pcm").pseudomasks(model, torch.zeros(1, 3, 4, 8), image_probs, labels, (1, 2))
+    res = get_method("pcm", masking="labels", scales="1").pseudomasks(model, torch.zeros(1, 3, 4, 8), image_probs,
+                                                                     labels, (1, 2))
     assert res.masks.tolist() == [[[0, 1]]]  # 0.6/0.6=1 > 0.1/0.3 ; 0.5/0.6=0.83 < 0.3/0.3=1
-    free = get_method("pcm", masking="none").pseudomasks(model, torch.zeros(1, 3, 4, 8), image_probs, labels,
+    free = get_method("pcm", masking="none", scales="1").pseudomasks(model, torch.zeros(1, 3, 4, 8), image_probs, labels,
                                                          (1, 2))
     assert free.masks.tolist() == [[[0, 0]]]  # plain argmax over all classes, labels not read
     torch.testing.assert_close(torch.from_numpy(free.confidence), torch.tensor([[[0.3, 0.2]]]))
@@ -69,7 +70,7 @@ def test_background_channel_competes_without_a_threshold(monkeypatch: pytest.Mon
     import weakseg.methods.pcm as pcm
 
     monkeypatch.setattr(pcm, "pcm_patch_probabilities", lambda model, images: probs)
-    method = get_method("pcm")
+    method = get_method("pcm", masking="labels", scales="1")
     method.bind_dataset(["background", "cat", "dog"], 0)
     res = method.pseudomasks(pcm_model(), torch.zeros(1, 3, 4, 8), torch.tensor([[1.0, 0.9, 0.0]]),
                              torch.tensor([[True, True, False]]), (1, 2))
