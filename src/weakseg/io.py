@@ -100,6 +100,18 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> 
     return Path(path)
 
 
+def atomic_write_csv(path: str | Path, header: list[str], rows: Any) -> Path:
+    """Write a CSV (``header``, then every row of ``rows``, each a sequence) atomically: the lists of skipped
+    tiles (``skipped_tiles.csv``) of training, pretraining and ``weakseg prepare``."""
+    import csv
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return Path(path)
+
+
 def atomic_write_json(path: str | Path, obj: Any, *, durable: bool = False) -> Path:
     """Indented strict JSON: NaN/inf become null, numpy values and paths are converted."""
     text = json.dumps(to_json_compatible(obj), indent=2, allow_nan=False) + "\n"

@@ -34,12 +34,11 @@ mean a broken layout, not a bad tile.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from weakseg.data import open_dataset
 from weakseg.data.normalization import BandStats, Normalize
 from weakseg.data.transforms import CenterCrop, Compose, RandomCrop, Resize, build_augmentations
 from weakseg.errors import DataError
-from weakseg.io import atomic_path
+from weakseg.io import atomic_write_csv
 
 log = logging.getLogger(__name__)
 
@@ -372,12 +371,8 @@ class WeakSegDataModule(L.LightningDataModule):
 
     def write_skipped_tiles(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/skipped_tiles.csv``: a row per skipped tile (split, id, file, reason), or a header alone."""
-        path = Path(out_dir) / SKIPPED_TILES_FILE
-        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["split", "id", "file", "reason"])
-            writer.writeheader()
-            writer.writerows(asdict(t) for t in self.skipped or ())
-        return path
+        return atomic_write_csv(Path(out_dir) / SKIPPED_TILES_FILE, ["split", "id", "file", "reason"],
+                                ([t.split, t.id, t.file, t.reason] for t in self.skipped or ()))
 
     def skipped_summary(self) -> dict[str, Any]:
         """What ``summary.json`` records: the count per split and the file that lists them."""

@@ -47,7 +47,6 @@ it (DataLoader workers started with ``spawn``, DDP) carries the path and ids, ne
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -65,6 +64,7 @@ import numpy as np
 from weakseg.errors import ConfigError, DataError, WeaksegError
 from weakseg.io import (
     atomic_path,
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     folder_lock,
@@ -583,10 +583,8 @@ def _disk_size(path: Path) -> int:
 
 
 def _write_skipped(path: Path, split: str, skipped: list[SkippedEntry]) -> None:
-    with atomic_path(path / SKIPPED_FILE) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["split", "id", "file", "reason"])
-        writer.writerows([split, s.id, s.file, s.reason] for s in skipped)
+    atomic_write_csv(path / SKIPPED_FILE, ["split", "id", "file", "reason"],
+                     ([split, s.id, s.file, s.reason] for s in skipped))
 
 
 Progress = Callable[[int, int, int, int, float], None]

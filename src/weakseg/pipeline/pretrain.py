@@ -20,7 +20,6 @@ classifier trained from ``backbone.pth`` with the same flags gets every tensor.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 import warnings
@@ -32,7 +31,7 @@ from typing import Any
 from weakseg.config import Check, at_least, non_empty, one_of, save_resolved
 from weakseg.data.ssl_views import VIEW_MODES
 from weakseg.errors import ConfigError
-from weakseg.io import atomic_path, atomic_write_json, folder_lock, make_dir, process_rank
+from weakseg.io import atomic_path, atomic_write_csv, atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.train import TRAIN_CHECKS, TrainConfig
 
 log = logging.getLogger("weakseg")
@@ -299,7 +298,4 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 def write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
     """``skipped_tiles.csv``: id, file, reason per skipped tile (a header alone when none)."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "file", "reason"])
-        writer.writerows(skipped)
+    atomic_write_csv(path, ["id", "file", "reason"], skipped)
