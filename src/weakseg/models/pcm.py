@@ -31,6 +31,8 @@ The transformer dropout of 0.1 in the original backbone has no counterpart: weak
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -38,8 +40,9 @@ from weakseg.models.vit import BackboneOutput, GatedViT, ViTConfig
 
 #: ``--pcm_head`` choices: the classifier on the patch features alone, or after the H-V BiLSTM.
 PATCH_CLASSIFIERS: tuple[str, ...] = ("linear", "bilstm")
-#: Probability clip of the BCE on the pooled probabilities (Keras' epsilon).
+#: Probability clip of the BCE on the pooled probabilities (Keras' epsilon), and its bounds as log probabilities.
 PROB_EPS = 1e-7
+LOG_PROB_MIN, LOG_PROB_MAX = math.log(PROB_EPS), math.log1p(-PROB_EPS)
 #: Standard deviation of the classifier's initial weights (``vit_pcm.md`` 1).
 CLASSIFIER_INIT_STD = 0.05
 
@@ -154,8 +157,7 @@ class PCMViT(GatedViT):
         log_pooled = log_probs.amax(dim=(2, 3))  # (B, C): log of the global max (log is monotone)
         if pre_logits:
             return log_pooled.exp()
-        log_pooled = log_pooled.clamp(min=torch.log(torch.tensor(PROB_EPS)).item(),
-                                      max=torch.log1p(torch.tensor(-PROB_EPS)).item())
+        log_pooled = log_pooled.clamp(min=LOG_PROB_MIN, max=LOG_PROB_MAX)
         return log_pooled - torch.log1p(-log_pooled.exp())  # logit(p) = log p - log(1 - p)
 
     def l2_penalty(self) -> Tensor:

@@ -218,27 +218,22 @@ def run_comparison(cfg: ComparisonConfig, progress: Any = print) -> dict[str, An
              f"{score_name(best.get('monitor'))} {best.get('val_score') or float('nan'):.3f}, heads pruned {best.get('pruned_heads')}/"
              f"{best.get('num_heads_total')})")
         for m in METHODS_BY_ARCH[spec.arch]:
-            folders = {}
-            for part, split in (("train", TRAIN_PART), ("holdout", HOLDOUT_PART), ("test", TEST_SPLIT)):
+            parts = [("train", TRAIN_PART, False), ("holdout", HOLDOUT_PART, False), ("test", TEST_SPLIT, False)]
+            if cfg.oracle_holdout:
+                parts.append(("holdout_oracle", HOLDOUT_PART, True))
+            folders, scores = {}, {}
+            for part, split, oracle in parts:
                 folder = out / "pseudomasks" / spec.name / f"{m.key}_{part}"
                 summary = generate_pseudomasks(Path(run["best_checkpoint"]), Path(cfg.datadir), split, folder,
-                                               m.method, method_options=m.options_dict(), progress=False,
-                                               overwrite=True, batch_size=64, figures=False)
+                                               m.method, method_options=m.options_dict(), oracle=oracle,
+                                               progress=False, overwrite=True, batch_size=64, figures=False)
                 folders[part] = (folder, summary)
-            oracle_scores = None
-            if cfg.oracle_holdout:
-                folder = out / "pseudomasks" / spec.name / f"{m.key}_holdout_oracle"
-                generate_pseudomasks(Path(run["best_checkpoint"]), Path(cfg.datadir), HOLDOUT_PART, folder, m.method,
-                                     method_options=m.options_dict(), oracle=True, progress=False, overwrite=True,
-                                     batch_size=64, figures=False)
-                oracle_scores = _short(_scores(folder, HOLDOUT_PART, cfg.datadir))
+                scores[part] = _short(_scores(folder, split, cfg.datadir))
             rows.append({
                 "classifier": spec.name, "classifier_label": spec.label, "method": m.key, "label": m.label,
                 "floor": m.floor, "masks": str(folders["train"][0]),
-                "train": _short(_scores(folders["train"][0], TRAIN_PART, cfg.datadir)),
-                "holdout": _short(_scores(folders["holdout"][0], HOLDOUT_PART, cfg.datadir)),
-                "holdout_oracle": oracle_scores,
-                "test": _short(_scores(folders["test"][0], TEST_SPLIT, cfg.datadir)),
+                "train": scores["train"], "holdout": scores["holdout"], "holdout_oracle": scores.get("holdout_oracle"),
+                "test": scores["test"],
                 "assignment": folders["train"][1].get("assignment"),
                 "checkpoint_score": best.get("val_score"), "checkpoint_metric": best.get("monitor"),
                 "epoch": best.get("epoch"),

@@ -176,6 +176,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Settings of one architecture only: given with another ``--arch`` (a value other than the default) they are an
+#: error rather than silently ignored.
+WEAKTR_SETTINGS = ("aaf", "aaf_reduction", "aaf_pool", "cam_fusion")
+PCM_SETTINGS = ("pcm_head", "pcm_lstm_hidden", "pcm_dropout", "pcm_l2", "pcm_et_weight", "pcm_et_crop")
+
+
 def _architectures() -> list[str]:
     from weakseg.models.architectures import ARCHITECTURES
 
@@ -409,17 +415,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         resume_from = {"epoch": ckpt.get("epoch", -1), "global_step": ckpt.get("global_step", 0)}
         del ckpt
     arch = get_architecture(cfg.arch)
-    weaktr_only = {k: v for k, v in (("aaf", cfg.aaf != "v2"), ("aaf_reduction", cfg.aaf_reduction is not None),
-                                     ("aaf_pool", cfg.aaf_pool != "max"), ("cam_fusion", cfg.cam_fusion != "fused"))
-                   if v}
-    if weaktr_only and arch.aaf is None:
-        raise ConfigError(f"--{' / --'.join(weaktr_only)} configure WeakTr's heads and need --arch weaktr "
-                          f"(--arch is {cfg.arch})")
     defaults = TrainConfig()
-    pcm_only = [k for k in ("pcm_head", "pcm_lstm_hidden", "pcm_dropout", "pcm_l2", "pcm_et_weight", "pcm_et_crop")
-                if getattr(cfg, k) != getattr(defaults, k)]
-    if pcm_only and arch.patch_classifier is None:
-        raise ConfigError(f"--{' / --'.join(pcm_only)} configure ViT-PCM and need --arch pcm (--arch is {cfg.arch})")
+    for names, applies, what in ((WEAKTR_SETTINGS, arch.aaf is not None, "configure WeakTr's heads and need --arch "
+                                  "weaktr"),
+                                 (PCM_SETTINGS, arch.patch_classifier is not None, "configure ViT-PCM and need --arch "
+                                  "pcm")):
+        given = [k for k in names if getattr(cfg, k) != getattr(defaults, k)]
+        if given and not applies:
+            raise ConfigError(f"--{' / --'.join(given)} {what} (--arch is {cfg.arch})")
     if cfg.trainable_blocks is not None and cfg.trainable_blocks > cfg.depth:
         raise ConfigError(f"--trainable_blocks {cfg.trainable_blocks} is more than the model's {cfg.depth} blocks "
                           "(--depth)")
