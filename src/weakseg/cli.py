@@ -18,6 +18,7 @@ from typing import Any
 from weakseg import __version__
 from weakseg.commands import COMMANDS
 from weakseg.errors import WeaksegError
+from weakseg.runtime import configure_threads
 
 def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     """The ``weakseg`` parser with every sub-command listed.
@@ -36,9 +37,31 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     for name, (module_name, summary) in COMMANDS.items():
         if command in ("all", name):
             importlib.import_module(f"weakseg.commands.{module_name}").add_parser(sub)
+            add_threads_flag(sub.choices[name])
         else:
             sub.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on a sub-command (every one has it; :mod:`weakseg.runtime` explains the default). Absent from
+    the namespace unless given, since a command turns its other arguments into its configuration."""
+    if "--threads" in parser._option_string_actions:
+        return
+    parser.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                        help="CPU threads for the whole command, shared by its DDP ranks (default: OMP_NUM_THREADS "
+                             "when set, else the CPUs this process may use)")
 
 
 def chosen_command(argv: Sequence[str]) -> str | None:
@@ -104,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    # Before Lightning (and so torch) is imported by setup_logging: torch sizes its pool from OMP_NUM_THREADS.
+    # Popped: commands turn their remaining arguments into their configuration, and threads are not a result's.
+    configure_threads(vars(args).pop("threads", None), num_processes=getattr(args, "num_devices", None) or 1)
     setup_logging(args.quiet, lightning=getattr(args, "uses_lightning", True))
     try:
         return int(args.run(args) or 0)

@@ -101,6 +101,7 @@ def test_user_mistakes_get_one_error_line_and_exit_2(case: str, tiny_dfc: Path, 
     (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
     (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
     (["--num_devices", "0"], "--num_devices must be at least 1, got 0"),
+    (["--num_nodes", "0"], "--num_nodes must be at least 1, got 0"),
     (["--threshold", "1.5"], "--threshold must be in [0, 1)"),
 ])
 def test_pseudomask_run_settings_are_checked_before_anything_is_written(flags: list[str], fragment: str,

@@ -37,6 +37,7 @@ def base_args(tmp_path: Path) -> list[str]:
     (["--min_confidence", "1.5"], "--min_confidence"),
     (["--min_confidence", "-0.1"], "--min_confidence"),
     (["--num_devices", "0"], "--num_devices"),
+    (["--num_nodes", "0"], "--num_nodes"),
     (["--num_workers", "-1"], "--num_workers"),
     (["--widths", "0", "8"], "--widths"),
     (["--seed", "-3"], "--seed"),

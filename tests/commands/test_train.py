@@ -410,3 +410,11 @@ def test_demo_training_options_reach_the_optimizer_and_the_gates(tiny_dfc, tmp_p
     gates = torch.cat([v.flatten() for k, v in ckpt["state_dict"].items() if k.endswith("log_alpha")])
     # 2 Adam steps of at most ~lr x 5 each from 1.0 (Xavier-uniform would spread them over about [-1, 1])
     assert gates.numel() == 8 and ((gates - 1.0).abs() < 0.05).all()
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_num_nodes_below_one_is_refused_before_anything_runs(command: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([command, "--output_dir", str(out), "--num_nodes", "0"]) == 2
+    assert "--num_nodes: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()

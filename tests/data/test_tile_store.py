@@ -272,3 +272,100 @@ def test_stores_are_per_modality_and_an_explicit_store_must_exist(dfc, tmp_path)
     assert open_dataset("dfc2020", dfc, "validation")._store is None  # no s2 store yet
     with pytest.raises(DataError, match="no complete tile store"):
         open_dataset("dfc2020", dfc, "validation", store=tmp_path / "nowhere")
+
+
+# ---- training crops read as windows -----------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_a_crop_read_as_a_window_of_the_store_is_the_sample_of_the_whole_tile(dfc, stage):
+    """Same seed -> the same samples (image, mask, no-data, labels, crop offsets) from the files and the store."""
+    from weakseg.data.datamodule import build_transform
+
+    _prepare(dfc, dtype="float32")
+    data_config = {"normalization": "none", "augmentations": ["fliprot"], "train_view": "crop"}
+    readers = {}
+    for name, store in (("files", False), ("store", None)):
+        readers[name] = open_dataset("dfc2020", dfc, "validation", store=store)
+        readers[name].transform = build_transform(stage, (28, 30), data_config)
+    assert readers["store"]._store is not None and readers["files"]._store is None
+    samples = {}
+    for name, reader in readers.items():
+        torch.manual_seed(7)
+        samples[name] = [reader[i] for i in range(len(reader))]
+    for a, b in zip(samples["files"], samples["store"], strict=True):
+        assert a["crop"] == b["crop"] and a["id"] == b["id"]
+        assert a["image"].shape == (13, 28, 30)
+        assert torch.equal(a["image"].nan_to_num(-7), b["image"].nan_to_num(-7))
+        assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["valid"], b["valid"])
+        assert torch.equal(a["label"], b["label"])
+    crops = {s["crop"] for s in samples["store"]}
+    assert len(crops) > 1 if stage == "train" else crops == {(2, 1)}  # random offsets / the centre
+    assert not samples["store"][2]["valid"].all()  # tile 2's no-data corner is in its crop
+
+
+def test_a_stored_tile_under_a_crop_reads_only_the_window(dfc, monkeypatch):
+    from weakseg.data.datamodule import build_transform
+
+    _prepare(dfc)
+    reader = open_dataset("dfc2020", dfc, "validation")
+    reader.transform = build_transform("train", (16, 16), {"normalization": "none", "augmentations": []})
+    windows = []
+    image = TileStore.image
+
+    def spy(self, k, window=None):
+        windows.append(window)
+        return image(self, k, window)
+
+    monkeypatch.setattr(TileStore, "image", spy)
+    sample = reader[3]
+    assert sample["image"].shape == (13, 16, 16)
+    assert len(windows) == 1 and windows[0] is not None and windows[0][2:] == (16, 16)
+    assert sample["crop"] == windows[0][:2]
+    reader.transform = build_transform("predict", (16, 16), {"normalization": "none"})  # a resize: whole tile
+    reader[3]
+    assert windows[-1] is None
+
+
+def test_a_window_crop_of_a_tile_smaller_than_the_input_names_the_tile(dfc):
+    from weakseg.data.datamodule import build_transform
+
+    _prepare(dfc)
+    reader = open_dataset("dfc2020", dfc, "validation")
+    reader.transform = build_transform("train", (40, 40), {"normalization": "none", "augmentations": []})
+    with pytest.raises(DataError, match=f"tile {reader.ids[0]} is 32x32, smaller than the model input 40x40"):
+        reader[0]
+
+
+def test_float16_narrowing_through_torch_rounds_exactly_as_numpy():
+    from weakseg.data.tile_store import _narrow, _widen
+
+    rng = np.random.default_rng(0)
+    image = np.concatenate([rng.uniform(-2, 2, 5000), rng.uniform(0, 1e-5, 1000),  # normal and subnormal
+                            [np.nan, np.inf, -np.inf, 65504.0, 65519.0, 65520.0, 1e6, 2.0**-25, 0.0, -0.0]]
+                           ).astype(np.float32).reshape(1, 1, -1)
+    with np.errstate(over="ignore"):
+        expected = image.astype(np.float16)
+    narrowed = _narrow(image, "float16")
+    assert narrowed.dtype == np.float16 and narrowed.tobytes() == expected.tobytes()
+    assert _widen(narrowed).tobytes() == expected.astype(np.float32).tobytes()
+    assert _narrow(image, "float32").tobytes() == image.tobytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this system")
+def test_a_window_read_asks_the_kernel_for_exactly_the_rows_of_the_window(dfc, monkeypatch):
+    """The read-ahead request starts at the window's first row of band 0 and ends after its last row of the
+    last band (checked against the bytes of images.npy)."""
+    _prepare(dfc)
+    store = TileStore.open(default_store_path("dfc2020", dfc, "validation", "s2"))
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    k, top, h = 5, 7, 9
+    window = store.image(k, (top, 3, h, 10))  # (13, 9, 10)
+    assert len(calls) == 1 and calls[0][2] == os.POSIX_FADV_WILLNEED
+    offset, length, _ = calls[0]
+    raw = (store.path / "images.npy").read_bytes()
+    span = np.frombuffer(raw[offset : offset + length], dtype=np.float16)
+    C, H, W = store.images.shape[1:]
+    assert length == ((C - 1) * H * W + h * W) * 2
+    np.testing.assert_array_equal(span[: W], store.images[k, 0, top])  # first: band 0, row top
+    np.testing.assert_array_equal(span[-W:], store.images[k, C - 1, top + h - 1])  # last: last band, last row
+    np.testing.assert_array_equal(window, store.images[k, :, top : top + h, 3:13].astype(np.float32))

@@ -73,6 +73,7 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--accelerator", help="auto, cpu, gpu")
     g.add_argument("--num_devices", type=int)
+    g.add_argument("--num_nodes", type=int, help="machines, each with --num_devices devices (SLURM or torchrun)")
     g.add_argument("--precision", help="32-true, bf16-mixed")
     p.set_defaults(run=run)
 

@@ -59,8 +59,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's masks in --output (deletes only the files its manifest lists)")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers per process (default: from the machine, 0 below 8 CPUs; weakseg.runtime)")
+    p.add_argument("--store", metavar="DIR|none",
+                   help="tile store of --split (weakseg prepare --store DIR); default: the one at "
+                        "<datadir>/.weakseg_store/ when complete and fresh; none: read the files")
     p.add_argument("--num_devices", type=int, default=1)
+    p.add_argument("--num_nodes", type=int, default=1,
+                   help="machines, each with --num_devices devices (SLURM or torchrun; README 'Performance and scale')")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="score the masks when the split has ground-truth masks (default on)")
@@ -119,25 +125,30 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from weakseg.data import open_dataset
+    from weakseg.data.tile_store import store_for_split
     from weakseg.evaluation.compare import evaluate_folder
     from weakseg.evaluation.metrics import format_scores_table
     from weakseg.io import atomic_write_json
     from weakseg.pipeline.pseudomasks import generate_pseudomasks, print_summary
+    from weakseg.runtime import default_num_workers
 
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(args.num_devices)
     if args.sweep_background:
         return run_sweep(args)
     summary = generate_pseudomasks(
         args.model_checkpoint, args.datadir, args.split, args.output, args.method,
         method_options=method_options_from_args(args), dataset=args.dataset, oracle=args.oracle,
         relabel=args.relabel, threshold=args.threshold, batch_size=args.batch_size, num_workers=args.num_workers,
-        num_devices=args.num_devices, accelerator=args.accelerator, overwrite=args.overwrite,
-        figures=args.figures, figure_tiles=args.figure_tiles, crf=crf_settings_from_args(args),
+        num_devices=args.num_devices, num_nodes=args.num_nodes, accelerator=args.accelerator, overwrite=args.overwrite,
+        figures=args.figures, figure_tiles=args.figure_tiles, crf=crf_settings_from_args(args), store=args.store,
     )
     if not summary:  # a non-zero DDP rank
         return 0
     print_summary(summary, args.output)
     if args.evaluate:
-        reader = open_dataset(summary["dataset"], args.datadir, args.split, modality=summary.get("modality", "s2"))
+        reader = open_dataset(summary["dataset"], args.datadir, args.split, modality=summary.get("modality", "s2"),
+                              store=store_for_split(args.store, args.split))
         why_not = scores_not_computed_because(summary, reader)
         if why_not:
             print(f"\nscores not computed: {why_not}")

@@ -128,6 +128,7 @@ REFINE_CHECKS: dict[str, Check | list[Check]] = {
     "num_workers": at_least(0),
     "accelerator": one_of(_accelerators),
     "num_devices": at_least(1),
+    "num_nodes": at_least(1),
     "min_confidence": between(0, 1),
     "classifier": non_empty,
     "figure_tiles": at_least(1),
@@ -194,6 +195,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--supervised", action=bool_flag, help="train on the ground-truth masks (upper bound)")
     p.add_argument("--num_workers", type=int)
     p.add_argument("--num_devices", type=int, help="devices; >1 trains with DDP")
+    p.add_argument("--num_nodes", type=int, help="machines, each with --num_devices devices (SLURM or torchrun)")
     p.add_argument("--accelerator", help="auto, cpu, gpu")
     p.add_argument("--figures", action=bool_flag,
                    help="draw <output>/figures/: per-iteration panels of --figure_tiles sampled tiles and the mIoU "

@@ -60,6 +60,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augmentations", nargs="*", help="fliprot and/or affine (joint on S1, S2 and mask)")
     g.add_argument("--num_workers", type=int)
     g.add_argument("--cache_data", action=bool_flag, help="keep tiles in memory (default on for built-in data)")
+    g.add_argument("--store", metavar="DIR|none",
+                   help="tile store of the training split (weakseg prepare --store DIR); default: the one at "
+                        "<datadir>/.weakseg_store/ when complete and fresh; none: read the files")
     g.add_argument("--strict_data", action=bool_flag,
                    help="stop at start-up if a tile cannot be used (no valid pixel, unreadable pixels) instead of "
                         "skipping it; skipped tiles are listed in output_dir/skipped_tiles.csv")
@@ -134,6 +137,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_epochs", type=int)
     g.add_argument("--max_steps", type=int, help="stop after N optimiser steps (-1: num_epochs decides)")
     g.add_argument("--num_devices", type=int, help="devices; >1 trains with DDP")
+    g.add_argument("--num_nodes", type=int,
+                   help="machines, each with --num_devices devices (launched by SLURM or torchrun; README "
+                        "'Performance and scale')")
     g.add_argument("--accelerator", help="auto, cpu, gpu")
     g.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed")
     g.add_argument("--seed", type=int)

@@ -205,16 +205,24 @@ class TileDataset(torch.utils.data.Dataset):
         return multi_hot_from_mask(sample["mask"], self.num_classes, self.label_threshold, valid)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.read_image(i)
-        if self.has_masks:
-            mask = self.read_mask(i)
-            if mask.shape != image.shape[1:]:
-                raise DataError(
-                    f"{self.mask_path(i)} is {mask.shape[0]}x{mask.shape[1]} but {self.source_path(i)} is "
-                    f"{image.shape[1]}x{image.shape[2]}"
-                )
+        transform = self.transform
+        window = self._store_window(i)
+        if window is not None:  # a stored tile under a leading crop: read only the crop's window
+            k, window, transform = window
+            image = self._store.image(k, window)  # (C, h, w) float32
+            mask = (self._store.mask(k, window) if self.has_masks
+                    else np.full(image.shape[1:], IGNORE_INDEX, dtype=np.uint8))
         else:
-            mask = np.full(image.shape[1:], IGNORE_INDEX, dtype=np.uint8)
+            image = self.read_image(i)
+            if self.has_masks:
+                mask = self.read_mask(i)
+                if mask.shape != image.shape[1:]:
+                    raise DataError(
+                        f"{self.mask_path(i)} is {mask.shape[0]}x{mask.shape[1]} but {self.source_path(i)} is "
+                        f"{image.shape[1]}x{image.shape[2]}"
+                    )
+            else:
+                mask = np.full(image.shape[1:], IGNORE_INDEX, dtype=np.uint8)
         sample: dict[str, Any] = {
             "image": torch.from_numpy(image.copy() if self._cache is not None else image),
             "mask": torch.from_numpy(mask.astype(np.int64)),  # astype copies
@@ -222,11 +230,33 @@ class TileDataset(torch.utils.data.Dataset):
             "id": self.ids[i],
             "index": i,
         }
-        if self.transform is not None:
-            sample = self.transform(sample)
+        if window is not None:
+            sample["crop"] = (window[0], window[1])
+        if transform is not None:
+            sample = transform(sample)
         sample = ignore_invalid(sample)
         sample["label"] = self.image_labels(i, sample)
         return sample
+
+    def _store_window(self, i: int) -> tuple[int, tuple[int, int, int, int], Any] | None:
+        """(store row, crop window, the transforms after the crop) when tile ``i`` is stored and the transform
+        starts with a crop; else None.
+
+        The crop's offsets are drawn here exactly as the crop transform would draw them (same generator, same
+        order), so a sample is identical to cropping the whole tile: pixel validity, the mask and the image
+        labels are per pixel of the crop. Only the window is widened from float16 and checked.
+        """
+        if self._store is None or not hasattr(self.transform, "leading_crop"):
+            return None
+        if self.has_masks and not self._store.has_masks:
+            return None
+        crop, rest = self.transform.leading_crop()
+        k = self._store.index_of(self.ids[i]) if crop is not None else None
+        if k is None:
+            return None
+        H, W = self._store.tile_size
+        top, left = crop.offsets(H, W, self.ids[i])
+        return k, (top, left, crop.size[0], crop.size[1]), rest
 
     def plot(self, sample: dict[str, Any], path: str | Path) -> Path:
         """Write true colour | mask (| prediction) for one sample as a PNG."""

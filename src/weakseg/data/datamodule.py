@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from weakseg.data import open_dataset
 from weakseg.data.normalization import BandStats, Normalize
+from weakseg.data.tile_store import store_for_split
 from weakseg.data.transforms import CenterCrop, Compose, RandomCrop, Resize, build_augmentations
 from weakseg.errors import DataError
 from weakseg.io import atomic_write_csv
@@ -239,6 +240,7 @@ class WeakSegDataModule(L.LightningDataModule):
         band_stats: tuple[list[float], list[float]] | None = None,
         cache: bool = False,
         strict_data: bool = False,
+        store: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.datadir = Path(datadir)
@@ -252,6 +254,8 @@ class WeakSegDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.label_threshold = label_threshold
         self.cache = cache
+        #: ``--store``: None (default location), "none", or the store folder of the training split.
+        self.store = store
         self.data_config: dict[str, Any] = {
             "dataset": dataset,
             "modality": modality,
@@ -272,7 +276,8 @@ class WeakSegDataModule(L.LightningDataModule):
     def open(self, split: str, stage: str) -> Any:
         """The reader of ``split`` with the transform of ``stage``, less the tiles :meth:`screen_tiles` skipped."""
         reader = open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality,
-                              label_threshold=self.label_threshold, cache=self.cache)
+                              label_threshold=self.label_threshold, cache=self.cache,
+                              store=store_for_split(self.store, split))
         self._choose_view(reader)
         reader.transform = build_transform(stage, self.img_size, self.data_config)
         skip = {t.id for t in self.skipped or () if t.split == split}
@@ -298,7 +303,8 @@ class WeakSegDataModule(L.LightningDataModule):
         if self.tiles_checked:
             return
         splits = [split for split in dict.fromkeys((self.train_split, self.val_split)) if split]
-        check_tile_files({split: open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality)
+        check_tile_files({split: open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality,
+                                              store=store_for_split(self.store, split))
                           for split in splits}, self.img_size)
         self.tiles_checked = True
 
@@ -323,7 +329,8 @@ class WeakSegDataModule(L.LightningDataModule):
         tiles = partial = invalid_pixels = pixels = 0
         splits = [split for split in dict.fromkeys((self.train_split, self.val_split)) if split]
         for split in splits:
-            reader = open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality)
+            reader = open_dataset(self.dataset_kind, self.datadir, split, modality=self.modality,
+                                  store=store_for_split(self.store, split))
             self._choose_view(reader)
             usable = 0
             for i in range(len(reader)):

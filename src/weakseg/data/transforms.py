@@ -35,15 +35,25 @@ class Compose:
             sample = t(sample)
         return sample
 
+    def leading_crop(self) -> tuple[RandomCrop | CenterCrop | None, Compose]:
+        """The crop this pipeline starts with (None if it does not) and the transforms after it.
+
+        A reader that can read a window (the memory-mapped tile store) draws the crop's offsets itself and reads
+        only that window, then applies the rest: the same sample, for 1/16 of the work on a 256 tile cropped to
+        64 (:meth:`weakseg.data.base.TileDataset.__getitem__`).
+        """
+        if self.transforms and isinstance(self.transforms[0], (RandomCrop, CenterCrop)):
+            return self.transforms[0], Compose(self.transforms[1:])
+        return None, self
+
     def __repr__(self) -> str:
         return f"Compose({self.transforms})"
 
 
-def _check_size(sample: Sample, size: tuple[int, int]) -> None:
-    H, W = sample["image"].shape[-2:]
+def _check_tile_size(H: int, W: int, size: tuple[int, int], tile_id: Any) -> None:
     if H < size[0] or W < size[1]:
         raise DataError(
-            f"tile {sample.get('id', '?')} is {H}x{W}, smaller than the model input {size[0]}x{size[1]} "
+            f"tile {tile_id} is {H}x{W}, smaller than the model input {size[0]}x{size[1]} "
             "(--imgsize): choose a smaller image size"
         )
 
@@ -66,12 +76,16 @@ class RandomCrop:
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = size
 
-    def __call__(self, sample: Sample) -> Sample:
-        _check_size(sample, self.size)
-        H, W = sample["image"].shape[-2:]
+    def offsets(self, H: int, W: int, tile_id: Any = "?") -> tuple[int, int]:
+        """(top, left) of the crop of an H x W tile, drawn from torch's generator (top first, then left)."""
+        _check_tile_size(H, W, self.size, tile_id)
         top = int(torch.randint(0, H - self.size[0] + 1, ()).item())
         left = int(torch.randint(0, W - self.size[1] + 1, ()).item())
-        return _crop(sample, top, left, self.size)
+        return top, left
+
+    def __call__(self, sample: Sample) -> Sample:
+        H, W = sample["image"].shape[-2:]
+        return _crop(sample, *self.offsets(H, W, sample.get("id", "?")), self.size)
 
     def __repr__(self) -> str:
         return f"RandomCrop({self.size})"
@@ -83,10 +97,14 @@ class CenterCrop:
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = size
 
+    def offsets(self, H: int, W: int, tile_id: Any = "?") -> tuple[int, int]:
+        """(top, left) of the centre crop of an H x W tile."""
+        _check_tile_size(H, W, self.size, tile_id)
+        return (H - self.size[0]) // 2, (W - self.size[1]) // 2
+
     def __call__(self, sample: Sample) -> Sample:
-        _check_size(sample, self.size)
         H, W = sample["image"].shape[-2:]
-        return _crop(sample, (H - self.size[0]) // 2, (W - self.size[1]) // 2, self.size)
+        return _crop(sample, *self.offsets(H, W, sample.get("id", "?")), self.size)
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size})"

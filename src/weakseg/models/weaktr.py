@@ -37,6 +37,8 @@ class tokens and CAM head; nothing flows from AAF into the backbone (pinned in `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +49,11 @@ from weakseg.models.vit import BackboneOutput, GatedViT, ViTConfig
 AAF_REDUCTION = {"v2": 8, "random": 8, "v1": 4}
 #: Feature reduction of v2's per-map scorer (64 -> 8 -> 1 for DeiT-S's 64 channels per head).
 FEAT_REDUCTION = 8
+
+
+def per_block(attentions: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """The blocks' maps as a list of (B, H, T, T), from a stacked (B, L, H, T, T) or a sequence."""
+    return list(attentions.unbind(1)) if isinstance(attentions, Tensor) else list(attentions)
 
 
 class AdaptiveAttentionFusion(nn.Module):
@@ -74,11 +81,14 @@ class AdaptiveAttentionFusion(nn.Module):
         self.se = nn.Sequential(nn.Linear(n, max(1, n // r), bias=False), nn.ReLU(),
                                 nn.Linear(max(1, n // r), n, bias=False), nn.Sigmoid())
 
-    def scores(self, attentions: Tensor, outputs: Tensor) -> Tensor:
-        """SE input s, (B, L, H), from the maps (B, L, H, T, T) and branch outputs (B, L, T, D)."""
-        B, L, H = attentions.shape[:3]
+    def scores(self, attentions: Tensor | Sequence[Tensor], outputs: Tensor) -> Tensor:
+        """SE input s, (B, L, H), from the maps (B, L, H, T, T) or L maps (B, H, T, T), and branch outputs
+        (B, L, T, D)."""
+        maps = per_block(attentions)
+        B, H = maps[0].shape[:2]
+        L = len(maps)
         if self.variant == "v1":
-            return attentions.mean(dim=(-2, -1))  # (B, L, H)
+            return torch.stack([a.mean(dim=(-2, -1)) for a in maps], dim=1)  # (B, L, H)
         if self.variant == "random":
             return self.query.view(1, H, L).transpose(1, 2).expand(B, L, H)  # j = head * L + layer
         T, D = outputs.shape[-2:]
@@ -86,15 +96,24 @@ class AdaptiveAttentionFusion(nn.Module):
         pooled = feats.amax(dim=3) if self.pool == "max" else feats.mean(dim=3)  # (B, L, H, D/H)
         return self.feature_score(pooled).squeeze(-1)  # (B, L, H)
 
-    def forward(self, attentions: Tensor, outputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused attention (B, T, T) and the weights (B, L, H); inputs are detached here."""
-        attentions, outputs = attentions.detach(), outputs.detach()
-        B, L, H = attentions.shape[:3]
-        s = self.scores(attentions, outputs)  # (B, L, H)
+    def forward(self, attentions: Tensor | Sequence[Tensor], outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused attention (B, T, T) and the weights (B, L, H); inputs are detached here.
+
+        ``attentions`` is (B, L, H, T, T) or the L blocks' maps (B, H, T, T). The weighted sum runs block by
+        block as one (1 x H) @ (H x T*T) product per image on each map as it is, so the L maps are never
+        stacked into one (B, L, H, T, T) copy (at ViT-S/16 size that copy and its einsum permutation cost a
+        quarter of a training step on CPU; ``benchmarks/train_step.py``).
+        """
+        maps = [a.detach() for a in per_block(attentions)]  # L x (B, H, T, T)
+        outputs = outputs.detach()
+        B, H, T = maps[0].shape[:3]
+        L = len(maps)
+        s = self.scores(maps, outputs)  # (B, L, H)
         w = self.se(s.transpose(1, 2).reshape(B, H * L))  # (B, H*L), index head * L + layer
         w = w.view(B, H, L).transpose(1, 2)  # (B, L, H)
-        fused = torch.einsum("blhij,blh->bij", attentions, w) / (L * H)  # (B, T, T)
-        return fused, w
+        fused = sum(torch.bmm(w[:, b].unsqueeze(1), a.reshape(B, H, T * T))  # (B, 1, T*T) per block
+                    for b, a in enumerate(maps))
+        return fused.view(B, T, T) / (L * H), w  # type: ignore[union-attr]
 
 
 class WeakTrViT(GatedViT):
@@ -129,7 +148,7 @@ class WeakTrViT(GatedViT):
         B = out.patches.shape[0]
         coarse_logits = self.cam_head(out.patch_grid())  # (B, C, h, w)
         coarse = F.relu(coarse_logits).detach()
-        attn = torch.stack([out.attentions[b] for b in range(L)], dim=1)  # (B, L, H, T, T)
+        attn = [out.attentions[b] for b in range(L)]  # L x (B, H, T, T)
         outputs = torch.stack([out.attention_outputs[b] for b in range(L)], dim=1)  # (B, L, T, D)
         fused, weights = self.aaf(attn, outputs)  # (B, T, T), (B, L, H)
         class_attn = fused[:, :C, P:].reshape(B, C, h, w)  # (B, C, h, w)

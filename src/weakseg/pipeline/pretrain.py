@@ -33,6 +33,7 @@ from weakseg.data.ssl_views import VIEW_MODES
 from weakseg.errors import ConfigError
 from weakseg.io import atomic_path, atomic_write_csv, atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.train import TRAIN_CHECKS, TrainConfig
+from weakseg.runtime import default_num_workers
 
 log = logging.getLogger("weakseg")
 
@@ -91,10 +92,11 @@ class PretrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     warmup_epochs: float = 10.0
-    num_workers: int = 0
+    num_workers: int = field(default_factory=default_num_workers)  # from the machine (weakseg.runtime)
     seed: int = 0
     accelerator: str = "auto"
     num_devices: int = 1
+    num_nodes: int = 1
     precision: str = "32-true"
     figures_every: int = 10
     resume: bool = False
@@ -114,7 +116,7 @@ PRETRAIN_CHECKS: dict[str, Check | list[Check]] = {
     # the backbone and data settings share weakseg train's checks
     **{key: TRAIN_CHECKS[key] for key in ("fusion", "imgsize", "patch_size", "embed_dim", "depth", "num_heads",
                                           "mlp_ratio", "normalization", "learning_rate", "weight_decay",
-                                          "warmup_epochs", "num_workers", "seed", "num_devices", "accumulate_grad",
+                                          "warmup_epochs", "num_workers", "seed", "num_devices", "num_nodes", "accumulate_grad",
                                           "accelerator", "precision")},
     "projector_dim": at_least(2),
     "projector_layers": at_least(1),
@@ -260,7 +262,8 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     kept = rows_before_checkpoint(metrics_csv, resume_from) if resume_from is not None else None
     metrics_logger = csv_logger(out)
     trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices,
-                        strategy="ddp" if cfg.num_devices > 1 else "auto", precision=cfg.precision,
+                        num_nodes=cfg.num_nodes, strategy="ddp" if cfg.num_devices * cfg.num_nodes > 1 else "auto",
+                        precision=cfg.precision,
                         accumulate_grad_batches=cfg.accumulate_grad, callbacks=callbacks, logger=[metrics_logger],
                         log_every_n_steps=1, enable_model_summary=False, enable_progress_bar=show_progress_bar(),
                         plugins=[atomic_checkpoint_io()], limit_val_batches=0)

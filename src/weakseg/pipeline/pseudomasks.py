@@ -63,6 +63,7 @@ from weakseg.data import open_dataset
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.data.datamodule import build_transform
 from weakseg.data.nodata import unlabel_invalid
+from weakseg.data.tile_store import store_for_split
 from weakseg.errors import ConfigError, DataError, WeaksegError
 from weakseg.io import (
     FileRecord,
@@ -574,7 +575,8 @@ def check_checkpoint_matches_data(task: ClassificationTask, reader: Any, ckpt: P
 
 
 def open_method_run(checkpoint: Path, datadir: Path, split: str, method: str,
-                    method_options: dict[str, Any] | None, dataset: str | None, oracle: bool
+                    method_options: dict[str, Any] | None, dataset: str | None, oracle: bool,
+                    store: str | Path | None = None,
                     ) -> tuple[PseudomaskMethod, ClassificationTask, Any, str]:
     """The method, the classifier and the split's reader of a pseudomask run, checked against each other.
 
@@ -595,7 +597,8 @@ def open_method_run(checkpoint: Path, datadir: Path, split: str, method: str,
         log.info("checkpoint has no gates: clustering all heads (the 'attention without pruning' baseline)")
     reader = open_dataset(kind, datadir, split, modality=modality,
                           transform=build_transform("predict", task.model_config.img_size, data_cfg),
-                          label_threshold=data_cfg.get("label_threshold", 0.10))
+                          label_threshold=data_cfg.get("label_threshold", 0.10),
+                          store=store_for_split(store, split, strict=True))
     if oracle and kind == "folder" and getattr(reader, "_csv_labels", None) is None and not reader.has_masks:
         raise ConfigError("--oracle needs ground-truth image labels")
     runner.bind_dataset(list(reader.class_names), getattr(reader, "background_index", None))
@@ -622,8 +625,9 @@ def generate_pseudomasks(
     checkpoint: Path, datadir: Path, split: str, out_dir: Path, method: str = "attention", *,
     method_options: dict[str, Any] | None = None, dataset: str | None = None, oracle: bool = False,
     relabel: bool = False, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 0, num_devices: int = 1,
+    num_nodes: int = 1,
     accelerator: str = "auto", overwrite: bool = False, progress: bool = True, figures: bool = True,
-    figure_tiles: int = DEFAULT_FIGURE_TILES, crf: CRFSettings | None = None,
+    figure_tiles: int = DEFAULT_FIGURE_TILES, crf: CRFSettings | None = None, store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pseudomasks for every tile of ``split``; returns the summary also written to ``out_dir/summary.json``.
 
@@ -641,6 +645,8 @@ def generate_pseudomasks(
         overwrite: delete the files of the earlier run in ``out_dir`` (only those its manifest lists) first.
         figures, figure_tiles: draw ``out_dir/figures/`` for that many sampled tiles once the masks are written
             (:func:`weakseg.pipeline.run_figures.write_pseudomask_figures`; a drawing failure is a warning).
+        store: the tile store of ``split`` (``weakseg prepare``): None the default location when fresh, "none"
+            the files, or a store folder (:func:`weakseg.data.tile_store.store_for_split`).
 
     Returns:
         The summary; ``{}`` in a DDP rank other than 0.
@@ -651,10 +657,13 @@ def generate_pseudomasks(
     """
     check_run_settings(threshold=threshold, batch_size=batch_size, num_workers=num_workers,
                        num_devices=num_devices, figure_tiles=figure_tiles)
+    if num_nodes < 1:
+        raise ConfigError(f"--num_nodes must be at least 1, got {num_nodes}")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if crf is not None:
         require_crf()  # before anything is read or written: a missing extra is a start-up error
-    runner, task, reader, kind = open_method_run(checkpoint, datadir, split, method, method_options, dataset, oracle)
+    runner, task, reader, kind = open_method_run(checkpoint, datadir, split, method, method_options, dataset, oracle,
+                                                 store)
     img_size = task.model_config.img_size
     check_output_location(out_dir, datadir, reader)
     job = PseudomaskJob(str(checkpoint.resolve()), file_sha256(checkpoint), method, oracle, relabel, kind,
@@ -669,7 +678,8 @@ def generate_pseudomasks(
         log_every = 0 if (not progress or show_progress_bar()) else max(batch_size, len(todo) // 10)
         writer = PseudomaskWriter(out_dir, reader, job, list(task.class_names), log_every=log_every)
         trainer = L.Trainer(
-            accelerator=accelerator, devices=num_devices, strategy="ddp" if num_devices > 1 else "auto",
+            accelerator=accelerator, devices=num_devices, num_nodes=num_nodes,
+            strategy="ddp" if num_devices * num_nodes > 1 else "auto",
             callbacks=[writer], logger=False, enable_progress_bar=progress and show_progress_bar(),
             enable_model_summary=False,
             inference_mode=False,  # gradient-based methods need autograd inside predict_step

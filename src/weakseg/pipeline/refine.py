@@ -105,6 +105,7 @@ from weakseg.tasks.segmentation import (
     VIT_ENCODER_MODELS,
     SegmentationTask,
 )
+from weakseg.runtime import default_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,10 @@ class RefineConfig:
     lr_schedule: str = DEFAULT_LR_SCHEDULE
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = field(default_factory=default_num_workers)  # from the machine (weakseg.runtime)
     accelerator: str = "auto"
     num_devices: int = 1
+    num_nodes: int = 1
     supervised: bool = False
     augment: bool = True
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
@@ -311,8 +313,8 @@ def _trainer(
     cfg: RefineConfig, stage_dir: Path | None, callbacks: list[Any], steps_per_epoch: int
 ) -> L.Trainer:
     return L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices,
-        strategy="ddp" if cfg.num_devices > 1 else "auto",
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.num_devices, num_nodes=cfg.num_nodes,
+        strategy="ddp" if cfg.num_devices * cfg.num_nodes > 1 else "auto",
         logger=csv_logger(stage_dir) if stage_dir is not None else False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
@@ -645,7 +647,8 @@ def _validate(cfg: RefineConfig) -> None:
             "refinement needs a pseudomask folder (--pseudomasks), or --supervised for the upper bound"
         )
     checks = [("iterations", cfg.iterations, 0), ("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1),
-              ("num_devices", cfg.num_devices, 1), ("num_workers", cfg.num_workers, 0),
+              ("num_devices", cfg.num_devices, 1), ("num_nodes", cfg.num_nodes, 1),
+              ("num_workers", cfg.num_workers, 0),
               ("figure_tiles", cfg.figure_tiles, 1)]
     for name, value, minimum in checks:
         if int(value) < minimum:

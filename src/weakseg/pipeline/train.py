@@ -52,6 +52,7 @@ from weakseg.config import (
 from weakseg.errors import ConfigError, WeaksegError
 from weakseg.io import atomic_path, atomic_write_json, folder_lock, make_dir, process_rank
 from weakseg.pipeline.run_figures import write_train_figures
+from weakseg.runtime import default_num_workers
 
 log = logging.getLogger("weakseg")
 
@@ -140,9 +141,10 @@ the ``pcm_*`` settings configure ``--arch pcm`` (:mod:`weakseg.models.pcm`; ``pc
     num_epochs: int = 10
     max_steps: int = -1
     num_devices: int = 1
+    num_nodes: int = 1
     accelerator: str = "auto"
     precision: str = "32-true"
-    num_workers: int = 0
+    num_workers: int = field(default_factory=default_num_workers)  # from the machine (weakseg.runtime)
     normalization: str = "standardize"
     augmentations: list[str] = field(default_factory=lambda: ["fliprot"])
     label_threshold: float = 0.10
@@ -153,6 +155,7 @@ the ``pcm_*`` settings configure ``--arch pcm`` (:mod:`weakseg.models.pcm`; ``pc
     synthetic_tiles: list[int] = field(default_factory=lambda: [256, 64])
     synthetic_tile_size: int = 64
     cache_data: bool = False
+    store: str | None = None
     figures: bool = True
     strict_data: bool = False
 
@@ -311,6 +314,7 @@ TRAIN_CHECKS: dict[str, Check | list[Check]] = {
     "num_epochs": at_least(1, "a run of 0 epochs trains nothing and writes no checkpoint"),
     "max_steps": max_steps_check,
     "num_devices": at_least(1),
+    "num_nodes": at_least(1),
     "accelerator": one_of(accelerator_values),
     "precision": one_of(precision_values),
     "num_workers": at_least(0),
@@ -446,6 +450,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         val_split=val_split, batch_size=cfg.train_batch_size, eval_batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers, normalization=cfg.normalization, augmentations=cfg.augmentations,
         label_threshold=cfg.label_threshold, cache=cfg.cache_data or not cfg.datadir, strict_data=cfg.strict_data,
+        store=cfg.store,
     )
     dm.check_tiles()
     dm.screen_tiles()  # unusable tiles skipped with their reason (fatal with --strict_data)
@@ -493,12 +498,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     log.info(
         "train (%s): %d tiles in %r, checkpoint chosen on %r | %d channels, %d classes | ViT %d blocks x %d heads "
         "(%s gated), dim %d, %d tokens/image (%d prefix), %s head, token masking %.2f, %.2fM params | "
-        "effective batch %d x %d x %d device(s) = %d",
+        "effective batch %d x %d x %d device(s) x %d node(s) = %d",
         arch.name, len(reader), train_split, val_split, in_chans, model_cfg.num_classes, cfg.depth, cfg.num_heads,
         "all" if cfg.prune else "none", cfg.embed_dim, h * w + model_cfg.num_prefix_tokens,
         model_cfg.num_prefix_tokens, model_cfg.head_type, token_mask_rate, n_params / 1e6,
-        cfg.train_batch_size, cfg.accumulate_grad, cfg.num_devices,
-        cfg.train_batch_size * cfg.accumulate_grad * cfg.num_devices,
+        cfg.train_batch_size, cfg.accumulate_grad, cfg.num_devices, cfg.num_nodes,
+        cfg.train_batch_size * cfg.accumulate_grad * cfg.num_devices * cfg.num_nodes,
     )
     monitor, mode = checkpoint_monitor(cfg.checkpoint_metric, val_split is not None)
     log.info("best.ckpt: the epoch with the %s %s on %r (ties go to the later epoch; --checkpoint_metric)",
@@ -533,10 +538,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.precision.startswith("bf16") and not torch.cuda.is_available():
         log.warning("--precision %s on CPU: torch's CPU bf16 attention backward is several times slower than "
                     "fp32 (benchmarks/train_step.py --bf16); prefer 32-true here", cfg.precision)
-    strategy = "ddp" if cfg.num_devices > 1 else "auto"
+    strategy = "ddp" if cfg.num_devices * cfg.num_nodes > 1 else "auto"
     trainer = L.Trainer(
         max_epochs=cfg.num_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
-        devices=cfg.num_devices, strategy=strategy, precision=cfg.precision,
+        devices=cfg.num_devices, num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad, callbacks=callbacks, logger=loggers,
         log_every_n_steps=1, deterministic=False, enable_model_summary=False,
         enable_progress_bar=show_progress_bar(), plugins=[atomic_checkpoint_io()],
