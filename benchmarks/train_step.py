@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from weakseg.models.vit import GatedViT
 from weakseg.tasks.classification import ClassificationTask
@@ -69,6 +70,12 @@ DESCRIPTIONS = {
     "explicit": "gates + L0, explicit softmax",
 }
 GATED_TIME_TARGET = 1.10
+#: Architectures whose training step is timed against the matmul peak (``weakseg train --arch``).
+ARCHS = ("vit", "class_tokens", "weaktr", "pcm")
+#: The issue's floor for every architecture's achieved fraction of the fp32 (CPU) matmul peak.
+PEAK_FRACTION_TARGET = 0.60
+#: Square matmul sides tried for the peak; the best median rate is the peak.
+PEAK_SIDES = (512, 1024, 2048)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,6 +103,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of weights, inputs, targets and gate samples")
+    parser.add_argument("--parts", nargs="+", choices=("variants", "peak"), default=["variants", "peak"],
+                        help="variants: gated vs ungated vs explicit attention; peak: every --archs step's "
+                             "FLOP/s against the measured matmul peak")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS),
+                        help="architectures of the peak part (weakseg train --arch)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also save the numbers as JSON")
     return parser
@@ -209,28 +221,186 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-# ---- main --------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    for name in ("steps", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
-    batch_size = args.batch_size or CONFIGS[args.config]["batch_size"]
-    if batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {batch_size}")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+# ---- fraction of the hardware's peak ------------------------------------------------------------------------
 
-    def autocast() -> Any:
-        if args.bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
+def _sdpa_cpu_forward_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """CPU fused attention (``_scaled_dot_product_flash_attention_for_cpu``): QK^T and AV, 2 x 2 x B H N N d.
+
+    torch's FLOP counter registers the CUDA kernels only; without this the attention of a CPU step counts 0."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any,
+                             *args: Any, **kwargs: Any) -> int:
+    """Twice the forward: the gradients of Q, K, V (4 products). torch's own formula for the CUDA kernels also
+    counts the kernel's recomputation of QK^T; model FLOPs (as in MFU) leave recomputation out."""
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+SDPA_CPU_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_forward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def analytic_vit_step_flops(cfg: Any, batch_size: int) -> int:
+    """Matmul FLOPs of one training step (forward + backward) of the one-CLS ViT, counted by hand.
+
+    Per image, with N tokens (prefix + patches), width D, MLP width M, P patches of C x p x p pixels, K classes:
+    patch embedding 2 P (C p p) D; per block the qkv 2 N D 3D, scores and weighted sum 2 x 2 N N D, projection
+    2 N D D and MLP 2 x 2 N D M; the head 2 D K. The backward costs twice the forward (gradients of inputs and
+    weights), except the patch embedding, whose input needs no gradient (once). Norms, GELU, softmax, gates and
+    the optimiser are elementwise and not counted (as in MFU conventions).
+    """
+    n_patches = cfg.grid_size[0] * cfg.grid_size[1]
+    N = cfg.num_prefix_tokens + n_patches
+    D, M = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    patch = 2 * n_patches * cfg.in_chans * cfg.patch_size ** 2 * D
+    block = 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D + 4 * N * D * M
+    head = 2 * D * cfg.num_classes
+    return batch_size * (2 * patch + 3 * (cfg.depth * block + head))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int, seconds: float = 0.5
+                ) -> dict[str, Any]:
+    """The machine's matmul rate (FLOP/s): the best median over square sides of :data:`PEAK_SIDES`.
+
+    Each side runs back-to-back products for about ``seconds`` per repeat, with the same threads as the steps;
+    2 n^3 FLOPs per product. This is what the hardware does on the operation that dominates a ViT step, measured
+    in the same process, so the fraction below is against this machine, not a data-sheet number.
+    """
+    per_side: dict[int, float] = {}
+    for n in PEAK_SIDES:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        count = max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
+        rates = []
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(count):
+                torch.mm(a, b)
+            synchronize(device)
+            rates.append(2 * n ** 3 * count / (time.perf_counter() - t0))
+        per_side[n] = statistics.median(rates)
+    best = max(per_side, key=per_side.__getitem__)
+    return {"flops_per_s": per_side[best], "side": best, "per_side": per_side, "dtype": str(dtype)}
+
+
+@dataclass
+class ArchRun:
+    """One architecture's real training step (:meth:`ClassificationTask.training_step`) and its measurements."""
+
+    name: str
+    task: ClassificationTask
+    optimizer: torch.optim.Optimizer
+    flops: int = 0  # forward + backward matmul FLOPs of one step (torch's counter + CPU attention)
+    seconds: list[float] = field(default_factory=list)
+
+
+def build_arch_runs(args: argparse.Namespace, device: torch.device) -> dict[str, ArchRun]:
+    """Each of ``args.archs`` as ``weakseg train --arch`` builds it (gated, L0 penalty, its own loss terms)."""
+    from weakseg.models.architectures import get_architecture
+
+    runs = {}
+    for name in args.archs:
+        torch.manual_seed(args.seed)
+        fields = get_architecture(name).model_fields(args.num_classes)
+        task = ClassificationTask({**model_config(args), **fields}, prune=True, pr_rate=args.pr_rate,
+                                  lr=args.lr, lr_scheduler=False, arch=name)
+        task.to(device).train()
+        runs[name] = ArchRun(name, task, task.configure_optimizers())
+    return runs
+
+
+def arch_step(run: ArchRun, batch: dict[str, Tensor], autocast: Callable[[], Any]) -> Tensor:
+    """The training step ``weakseg train`` runs: the task's loss (BCE, L0, auxiliary terms), backward, AdamW."""
+    run.optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = run.task.training_step(batch, 0)
+    loss.backward()
+    run.optimizer.step()
+    return loss.detach()
+
+
+def count_step_flops(run: ArchRun, batch: dict[str, Tensor], autocast: Callable[[], Any]) -> int:
+    """Matmul, convolution and attention FLOPs of one forward + backward, from the shapes of the ops that ran."""
+    with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:
+        with autocast():
+            loss = run.task.training_step(batch, 0)
+        loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def measure_peak_fraction(args: argparse.Namespace, device: torch.device, batch_size: int,
+                          autocast: Callable[[], Any]) -> dict[str, Any]:
+    """Achieved FLOP/s of every architecture's training step and its fraction of the measured matmul peak."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*self.trainer.*")  # the task logs; no Trainer here
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    runs = build_arch_runs(args, device)
+    images, targets = make_batch(args, batch_size, device)
+    batch = {"image": images, "label": targets}
+    for run in runs.values():
+        run.flops = count_step_flops(run, batch, autocast)
+        for _ in range(max(args.warmup, 1)):
+            arch_step(run, batch, autocast)
+    peak = matmul_peak(device, dtype, args.repeats)  # between warm-up and timing: same thread pool state
+    for r in range(args.repeats):
+        names = list(runs)
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            run = runs[name]
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = arch_step(run, batch, autocast)
+            synchronize(device)
+            run.seconds.append((time.perf_counter() - t0) / args.steps)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name}: non-finite loss {float(loss)}; lower --lr")
+    result: dict[str, Any] = {"peak": peak, "target": PEAK_FRACTION_TARGET, "archs": {}}
+    if "vit" in runs:
+        result["analytic_vit_flops"] = analytic_vit_step_flops(runs["vit"].task.model_config, batch_size)
+        result["counted_vit_flops"] = runs["vit"].flops
+    for name, run in runs.items():
+        step = statistics.median(run.seconds)
+        result["archs"][name] = {"flops_per_step": run.flops, "seconds_per_step": run.seconds,
+                                 "median_seconds_per_step": step, "images_per_s": batch_size / step,
+                                 "achieved_flops_per_s": run.flops / step,
+                                 "fraction_of_peak": run.flops / step / peak["flops_per_s"]}
+    return result
+
+
+def print_peak_fraction(result: dict[str, Any], batch_size: int) -> None:
+    peak = result["peak"]
+    sides = ", ".join(f"{n}: {r / 1e9:.1f}" for n, r in peak["per_side"].items())
+    print(f"\nmatmul peak ({peak['dtype'].replace('torch.', '')}): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"(square side {peak['side']}; per side GFLOP/s {sides})")
+    if "analytic_vit_flops" in result:
+        a, c = result["analytic_vit_flops"], result["counted_vit_flops"]
+        print(f"FLOPs per step of --arch vit: {a / 1e9:.3f} G by hand, {c / 1e9:.3f} G counted "
+              f"(ratio {c / a:.4f})")
+    print(f"{'arch':<13} {'GFLOP/step':>10} {'ms/step':>8} {'images/s':>9} {'GFLOP/s':>8} {'of peak':>8}")
+    for name, r in result["archs"].items():
+        verdict = "ok" if r["fraction_of_peak"] >= result["target"] else "BELOW TARGET"
+        print(f"{name:<13} {r['flops_per_step'] / 1e9:10.3f} {1000 * r['median_seconds_per_step']:8.1f} "
+              f"{r['images_per_s']:9.1f} {r['achieved_flops_per_s'] / 1e9:8.1f} "
+              f"{100 * r['fraction_of_peak']:7.1f}%  {verdict} (target >= {100 * result['target']:.0f} %)")
+    print(f"batch {batch_size}; the step is the task's own training step (its loss terms, metrics update, "
+          "AdamW); counted FLOPs are matmuls, convolutions and attention")
+
+
+def run_variants(args: argparse.Namespace, device: torch.device, batch_size: int,
+                 autocast: Callable[[], Any]) -> dict[str, Any]:
+    """The gated, ungated and explicit-attention ViTs timed in interleaved repeats; prints their table."""
     rss_start = max_rss_mib()
     variants = build_variants(args, device)
     images, targets = make_batch(args, batch_size, device)
@@ -334,29 +504,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory: process max RSS {rss_start:.0f} MiB at start; growth is cumulative and coarse "
               "(ru_maxrss never falls), so only large differences between variants mean anything")
 
+    return {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "batch_size": batch_size,
+        "model": cfg.to_dict(),
+        "tokens": tokens,
+        "parameters": params,
+        "device": args.device,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "first_step_bce": first_loss,
+        "first_step_max_logit_diff_fused_vs_explicit": fused_vs_explicit,
+        "variants": {
+            n: {"description": DESCRIPTIONS[n], "seconds_per_repeat": v.seconds,
+                "cpu_seconds_per_repeat": v.cpu_seconds,
+                "images_per_s": throughput[n], "memory": v.memory}
+            for n, v in variants.items()
+        },
+        "gated_over_ungated_time": gated_ratio,
+        "explicit_over_fused_time": explicit_ratio,
+        "cpu_time_ratios": cpu_ratios if device.type == "cpu" else None,
+        "gated_time_target": GATED_TIME_TARGET,
+    }
+
+
+# ---- main --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for name in ("steps", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+    batch_size = args.batch_size or CONFIGS[args.config]["batch_size"]
+    if batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {batch_size}")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def autocast() -> Any:
+        if args.bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    result: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                              "batch_size": batch_size, "torch": torch.__version__}
+    if "variants" in args.parts:
+        result.update(run_variants(args, device, batch_size, autocast))
+    if "peak" in args.parts:
+        result["peak_fraction"] = measure_peak_fraction(args, device, batch_size, autocast)
+        print_peak_fraction(result["peak_fraction"], batch_size)
     if args.json is not None:
-        write_json(args.json, {
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "batch_size": batch_size,
-            "model": cfg.to_dict(),
-            "tokens": tokens,
-            "parameters": params,
-            "device": args.device,
-            "device_name": device_name,
-            "torch": torch.__version__,
-            "first_step_bce": first_loss,
-            "first_step_max_logit_diff_fused_vs_explicit": fused_vs_explicit,
-            "variants": {
-                n: {"description": DESCRIPTIONS[n], "seconds_per_repeat": v.seconds,
-                    "cpu_seconds_per_repeat": v.cpu_seconds,
-                    "images_per_s": throughput[n], "memory": v.memory}
-                for n, v in variants.items()
-            },
-            "gated_over_ungated_time": gated_ratio,
-            "explicit_over_fused_time": explicit_ratio,
-            "cpu_time_ratios": cpu_ratios if device.type == "cpu" else None,
-            "gated_time_target": GATED_TIME_TARGET,
-        })
+        write_json(args.json, result)
         print(f"saved {args.json}")
     return 0
 

@@ -383,6 +383,47 @@ def ensure_data(cfg: TrainConfig) -> Path:
     return root
 
 
+def build_classifier_task(cfg: TrainConfig, arch: Any, in_chans: int, class_names: list[str],
+                          data_config: dict[str, Any] | None = None, lr_scheduler: bool = True
+                          ) -> Any:
+    """The classifier ``weakseg train`` trains for ``cfg``: the ViT of ``arch`` (an
+    :class:`~weakseg.models.architectures.Architecture`) with its heads, in a :class:`ClassificationTask` with
+    every loss and optimiser setting of ``cfg``. ``lr_scheduler=False`` leaves the schedule out (it needs a
+    Lightning trainer; ``benchmarks/data.py`` steps the task by hand)."""
+    from weakseg.models.vit import ViTConfig
+    from weakseg.tasks.classification import ClassificationTask
+
+    num_classes = len(class_names)
+    arch_fields = arch.model_fields(num_classes, cfg.class_token_head, cfg.num_register_tokens)
+    if arch.aaf is not None:  # WeakTr's heads (models/weaktr.py)
+        arch_fields.update(aaf=cfg.aaf, aaf_reduction=cfg.aaf_reduction, aaf_pool=cfg.aaf_pool,
+                           cam_fusion=cfg.cam_fusion)
+    if arch.patch_classifier is not None:  # ViT-PCM's patch classifier (models/pcm.py)
+        arch_fields.update(patch_classifier=cfg.pcm_head or arch.patch_classifier,
+                           pcm_lstm_hidden=cfg.pcm_lstm_hidden, pcm_dropout=cfg.pcm_dropout)
+    model_cfg = ViTConfig(
+        img_size=tuple(cfg.imgsize), patch_size=cfg.patch_size, in_chans=in_chans,
+        s1_chans=2 if cfg.multimodal else 0, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, num_classes=num_classes,
+        final_norm=arch.final_norm if cfg.final_norm is None else cfg.final_norm, gated=cfg.prune,
+        gate_init=cfg.gate_init, **arch_fields,
+    )
+    token_mask_rate = (arch.default_token_mask_rate(cfg.class_token_head) if cfg.token_mask_rate is None
+                       else cfg.token_mask_rate)
+    task = ClassificationTask(
+        model=model_cfg.to_dict(), prune=cfg.prune, target_pruned_fraction=cfg.target_pruned_fraction,
+        target_warmup=cfg.target_warmup, pr_rate=PAPER_PR_RATE if cfg.pr_rate is None else cfg.pr_rate,
+        l0_normalize=cfg.l0_normalize, l0_warmup_steps=cfg.l0_warmup_steps, optimizer=cfg.optimizer,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, gate_lr_scale=cfg.gate_lr_scale, lr_scheduler=cfg.lr_scheduler and lr_scheduler,
+        warmup_epochs=cfg.warmup_epochs, class_names=class_names, data_config=data_config,
+        pretrained=cfg.pretrained, token_mask_rate=token_mask_rate, diversity_weight=cfg.diversity_weight,
+        arch=arch.name, pcm_l2=cfg.pcm_l2, pcm_et_weight=cfg.pcm_et_weight, pcm_et_crop=cfg.pcm_et_crop,
+        frozen_epochs=cfg.frozen_epochs, trainable_blocks=cfg.trainable_blocks, frozen_lr=cfg.frozen_lr,
+    )
+    return task
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training; returns the summary (also written to output_dir/summary.json).
 
@@ -403,9 +444,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     from weakseg.data.datamodule import WeakSegDataModule
     from weakseg.models.architectures import get_architecture
-    from weakseg.models.vit import ViTConfig
     from weakseg.pipeline.progress import EpochLog, csv_logger, show_progress_bar
-    from weakseg.tasks.classification import ClassificationTask, load_classifier, read_checkpoint
+    from weakseg.tasks.classification import load_classifier, read_checkpoint
 
     started = time.time()
     cfg = validate_train_config(cfg)
@@ -464,35 +504,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 f"{sorted(overlap)[0]!r}): checkpoint selection would see training tiles. Use '<split>:train' and "
                 "'<split>:holdout' (the default) or two different splits"
             )
-    in_chans = int(reader.read_image(0).shape[0])
-    num_classes = len(reader.class_names)
-    arch_fields = arch.model_fields(num_classes, cfg.class_token_head, cfg.num_register_tokens)
-    if arch.aaf is not None:  # WeakTr's heads (models/weaktr.py)
-        arch_fields.update(aaf=cfg.aaf, aaf_reduction=cfg.aaf_reduction, aaf_pool=cfg.aaf_pool,
-                           cam_fusion=cfg.cam_fusion)
-    if arch.patch_classifier is not None:  # ViT-PCM's patch classifier (models/pcm.py)
-        arch_fields.update(patch_classifier=cfg.pcm_head or arch.patch_classifier,
-                           pcm_lstm_hidden=cfg.pcm_lstm_hidden, pcm_dropout=cfg.pcm_dropout)
-    model_cfg = ViTConfig(
-        img_size=tuple(cfg.imgsize), patch_size=cfg.patch_size, in_chans=in_chans,
-        s1_chans=2 if cfg.multimodal else 0, fusion=cfg.fusion, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, num_classes=num_classes,
-        final_norm=arch.final_norm if cfg.final_norm is None else cfg.final_norm, gated=cfg.prune,
-        gate_init=cfg.gate_init, **arch_fields,
-    )
-    token_mask_rate = (arch.default_token_mask_rate(cfg.class_token_head) if cfg.token_mask_rate is None
-                       else cfg.token_mask_rate)
-    task = ClassificationTask(
-        model=model_cfg.to_dict(), prune=cfg.prune, target_pruned_fraction=cfg.target_pruned_fraction,
-        target_warmup=cfg.target_warmup, pr_rate=PAPER_PR_RATE if cfg.pr_rate is None else cfg.pr_rate,
-        l0_normalize=cfg.l0_normalize, l0_warmup_steps=cfg.l0_warmup_steps, optimizer=cfg.optimizer,
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, gate_lr_scale=cfg.gate_lr_scale, lr_scheduler=cfg.lr_scheduler,
-        warmup_epochs=cfg.warmup_epochs, class_names=list(reader.class_names), data_config=dm.data_config,
-        pretrained=cfg.pretrained, token_mask_rate=token_mask_rate, diversity_weight=cfg.diversity_weight,
-        arch=arch.name, pcm_l2=cfg.pcm_l2, pcm_et_weight=cfg.pcm_et_weight, pcm_et_crop=cfg.pcm_et_crop,
-        frozen_epochs=cfg.frozen_epochs, trainable_blocks=cfg.trainable_blocks, frozen_lr=cfg.frozen_lr,
-    )
+    task = build_classifier_task(cfg, arch, int(reader.read_image(0).shape[0]), list(reader.class_names),
+                                 data_config=dm.data_config)
+    model_cfg = task.model_config
+    in_chans, token_mask_rate = model_cfg.in_chans, float(task.hparams.token_mask_rate)
     n_params = sum(p.numel() for p in task.model.parameters())
     h, w = model_cfg.grid_size
     log.info(
