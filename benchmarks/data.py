@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tile_store import read_pass, sample_pass
+from tile_store import datasets, read_pass, sample_pass
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -345,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from weakseg.data.synthetic import generate_synthetic_dfc2020
 
     work = Path(tempfile.mkdtemp(prefix="weakseg_data_bench_", dir=args.workdir))
     print(f"data pipeline benchmark: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}, "
@@ -353,17 +352,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.threads} thread(s)), numpy {np.__version__}, python {sys.version.split()[0]}, work folder {work}")
     results = []
     try:
-        if args.datadir is not None:
-            results.append(bench(args.dataset, args.datadir, args.split, args, work, device))
-        else:
-            for size in args.sizes:
-                root = work / f"synthetic_{size}"
-                t0 = time.perf_counter()
-                generate_synthetic_dfc2020(root, num_tiles={"validation": args.tiles, "test": 0}, tile_size=size,
-                                           seed=0)
-                print(f"\ngenerated {args.tiles} tiles of {size} x {size} in {time.perf_counter() - t0:.0f}s")
-                results.append(bench("dfc2020", root, "validation", args, work, device))
-                shutil.rmtree(root)
+        for kind, root, split in datasets(args, work):
+            results.append(bench(kind, root, split, args, work, device))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json is not None:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -147,26 +148,33 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from weakseg.data.synthetic import generate_synthetic_dfc2020
 
     work = Path(tempfile.mkdtemp(prefix="weakseg_store_bench_", dir=args.workdir))
     print(f"tile store benchmark: {os.cpu_count()} CPU(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"work folder {work}, python {sys.version.split()[0]}, numpy {np.__version__}")
     try:
-        if args.datadir is not None:
-            bench(args.dataset, args.datadir, args.split, args.modality, args.repeats, work)
-        else:
-            for size in args.sizes:
-                root = work / f"synthetic_{size}"
-                t0 = time.perf_counter()
-                generate_synthetic_dfc2020(root, num_tiles={"validation": args.tiles, "test": 0}, tile_size=size,
-                                           seed=0)
-                print(f"\ngenerated {args.tiles} tiles of {size} x {size} in {time.perf_counter() - t0:.0f}s")
-                bench("dfc2020", root, "validation", args.modality, args.repeats, work)
-                shutil.rmtree(root)
+        for kind, root, split in datasets(args, work):
+            bench(kind, root, split, args.modality, args.repeats, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def datasets(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, Path, str]]:
+    """(kind, root, split) to benchmark: ``--datadir`` as given, else the built-in generator at each of ``--sizes``
+    with ``--tiles`` tiles in ``work`` (each removed once the caller is done with it). Shared with data.py."""
+    if args.datadir is not None:
+        yield args.dataset, args.datadir, args.split
+        return
+    from weakseg.data.synthetic import generate_synthetic_dfc2020
+
+    for size in args.sizes:
+        root = work / f"synthetic_{size}"
+        t0 = time.perf_counter()
+        generate_synthetic_dfc2020(root, num_tiles={"validation": args.tiles, "test": 0}, tile_size=size, seed=0)
+        print(f"\ngenerated {args.tiles} tiles of {size} x {size} in {time.perf_counter() - t0:.0f}s")
+        yield "dfc2020", root, "validation"
+        shutil.rmtree(root)
 
 
 if __name__ == "__main__":

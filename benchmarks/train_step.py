@@ -505,8 +505,6 @@ def run_variants(args: argparse.Namespace, device: torch.device, batch_size: int
               "(ru_maxrss never falls), so only large differences between variants mean anything")
 
     return {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "batch_size": batch_size,
         "model": cfg.to_dict(),
         "tokens": tokens,
         "parameters": params,

@@ -57,8 +57,6 @@ def positive_int(text: str) -> int:
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """``--threads`` on a sub-command (every one has it; :mod:`weakseg.runtime` explains the default). Absent from
     the namespace unless given, since a command turns its other arguments into its configuration."""
-    if "--threads" in parser._option_string_actions:
-        return
     parser.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                         help="CPU threads for the whole command, shared by its DDP ranks (default: OMP_NUM_THREADS "
                              "when set, else the CPUs this process may use)")
