@@ -22,7 +22,7 @@ from weakseg.data.base import multi_hot_from_mask
 from weakseg.data.datamodule import WeakSegDataModule, build_transform
 from weakseg.data.dfc2020 import DFC2020Dataset
 from weakseg.data.folder import FolderDataset
-from weakseg.data.nodata import unlabel_invalid, valid_values
+from weakseg.data.nodata import all_true, finite_entries, unlabel_invalid, valid_values
 from weakseg.data.normalization import Normalize, compute_band_stats
 from weakseg.data.targets import TargetTiles
 from weakseg.data.transforms import CenterCrop, RandomAffine, RandomFlipRotate, Resize
@@ -140,6 +140,26 @@ def test_label_rule_divides_by_the_valid_pixels():
     assert multi_hot_from_mask(mask, 3).tolist() == [1, 0, 0]  # 9 / 100 < 10 %
     assert multi_hot_from_mask(mask, 3, valid=valid).tolist() == [1, 0, 1]  # 9 / 80 = 11.25 %
     assert multi_hot_from_mask(mask, 3, valid=torch.zeros(10, 10, dtype=torch.bool)).tolist() == [0, 0, 0]
+
+
+def test_label_rule_threshold_is_inclusive_and_ignores_255_and_ids_past_the_classes():
+    mask = torch.full((10, 10), 255, dtype=torch.long)  # 255 stays in the area, never a label
+    mask[0] = 1  # 10 / 100 = exactly 10 %: a label (>=)
+    mask[1, :9] = 0  # 9 %: not a label
+    mask[2:5] = 7  # 30 % of an id >= num_classes: dropped, not counted for class 2
+    assert multi_hot_from_mask(mask, 3).tolist() == [0, 1, 0]
+    assert multi_hot_from_mask(mask, 3).dtype == torch.float32
+    assert multi_hot_from_mask(mask.to(torch.uint8), 3, threshold=0.09).tolist() == [1, 1, 0]
+
+
+def test_finite_entries_equals_torch_isfinite_on_views_and_dtypes():
+    image = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 4, 5)
+    image[0, 1, 2], image[1, 3, 4], image[1, 0, 0] = NAN, float("inf"), float("-inf")
+    for x in (image, image[:, 1:3, ::2], image.transpose(1, 2), image.half(), image.double(), image.bfloat16()):
+        got = finite_entries(x)
+        assert got.dtype == torch.bool and got.shape == x.shape
+        assert torch.equal(got, torch.isfinite(x)), x.dtype
+    assert all_true(finite_entries(image[:, 2:, :2])) and not all_true(finite_entries(image))
 
 
 def test_standardize_fills_no_data_with_zero_the_band_mean():

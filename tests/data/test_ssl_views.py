@@ -48,6 +48,21 @@ def test_jitter_is_an_affine_map_per_band_with_its_own_factors() -> None:
     assert len({round(f, 4) for f in factors}) == 4
 
 
+def test_jitter_shift_is_drawn_in_units_of_the_band_std() -> None:
+    """The shift is brightness x U(-1, 1) x the band's unbiased std: the same draws by hand give the same image,
+    with torch.std as the reference of the two-pass std the jitter computes."""
+    x = torch.rand(3, 12, 10) * torch.tensor([1.0, 5.0, 0.1])[:, None, None]
+    aug = _identity()
+    y = aug.jitter(x, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    factor = 1 + aug.contrast * (2 * torch.rand(3, 1, 1, generator=gen) - 1)
+    shift = aug.brightness * (2 * torch.rand(3, 1, 1, generator=gen) - 1)
+    mean, std = x.mean(dim=(-2, -1), keepdim=True), x.std(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(y, (x - mean) * factor + mean + shift * std, atol=1e-6, rtol=1e-5)
+    flat = torch.full((1, 4, 4), 2.0)  # a constant band: std 0 (clamped to 1e-6) -> no visible shift, no NaN
+    torch.testing.assert_close(aug.jitter(flat, torch.Generator().manual_seed(0)), flat, atol=1e-5, rtol=0)
+
+
 def test_band_mean_view_and_blur() -> None:
     x = torch.rand(5, 16, 16)
     torch.manual_seed(0)

@@ -33,6 +33,30 @@ def test_flip_rotate_moves_s2_s1_and_mask_together(h, w):
         assert torch.allclose(out["image"][14][valid], m[valid].float() / 10 + 1)
 
 
+def test_flip_rotate_draws_each_of_the_eight_dihedral_elements_exactly():
+    """The output is exactly the input under one of the 8 flips/rotations (computed here with torch's own ops,
+    the path a GPU tensor takes), the same element for image, mask and valid, and every element occurs."""
+    torch.manual_seed(1)
+    sample = aligned_sample(8, 8)
+    sample["image"] = torch.arange(15 * 64, dtype=torch.float32).reshape(15, 8, 8)
+    sample["valid"] = torch.rand(8, 8) > 0.3
+
+    def moved(x, flip_w, k):  # the group: (optional horizontal flip, then k quarter turns)
+        return torch.rot90(x.flip(-1) if flip_w else x, k, (-2, -1))
+
+    elements = [(f, k) for f in (False, True) for k in range(4)]
+    seen = set()
+    for _ in range(60):
+        out = RandomFlipRotate()(sample)
+        hits = [e for e in elements if torch.equal(out["image"], moved(sample["image"], *e))]
+        assert len(hits) == 1
+        assert torch.equal(out["mask"], moved(sample["mask"], *hits[0]))
+        assert torch.equal(out["valid"], moved(sample["valid"], *hits[0]))
+        assert out["image"].is_contiguous() and out["mask"].dtype == torch.int64
+        seen.add(hits[0])
+    assert seen == set(elements)
+
+
 def test_affine_keeps_s1_s2_and_mask_aligned_and_fills_ignore():
     torch.manual_seed(0)
     t = RandomAffine(degrees=20, translate_px=5, p=1.0)

