@@ -40,6 +40,7 @@ default, removed afterwards), or an existing dataset (``--datadir``, e.g. the re
 machine::
 
     OMP_NUM_THREADS=1 python benchmarks/data.py                          # 200 tiles at 64 x 64 and 256 x 256
+    OMP_NUM_THREADS=1 python benchmarks/data.py --tiles 400 --repeats 2  # the README numbers (5 min)
     OMP_NUM_THREADS=1 python benchmarks/data.py --tiles 40 --sizes 64 256 --repeats 2   # quicker
     python benchmarks/data.py --datadir /data/DFC2020 --split validation --json data.json
     python benchmarks/data.py --device cuda --threads 8                  # the step on a GPU: data must keep up
