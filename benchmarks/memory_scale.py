@@ -53,6 +53,7 @@ the 10,000 tiles)::
     OMP_NUM_THREADS=1 python benchmarks/memory_scale.py
     OMP_NUM_THREADS=1 python benchmarks/memory_scale.py --tiles 100 400 --no-store            # ~2 min
     OMP_NUM_THREADS=1 python benchmarks/memory_scale.py --workdir /big/disk --keep --json runs/memscale.json
+    OMP_NUM_THREADS=1 python benchmarks/memory_scale.py --commands pseudomasks refine   # train runs too
 
 ``--workdir`` holds the datasets and the runs (in a temporary folder inside it, removed afterwards unless
 ``--keep``); each command's output goes to ``logs/<tiles>-<reads>-<command>.log`` there, and the end of it is
@@ -82,6 +83,19 @@ TINY_REFINE_FLAGS = ["--widths", "8", "16", "--epochs", "1", "--iterations", "1"
 #: Fields of /proc/<pid>/status summed over the process tree (kB there, MB here).
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 COMMANDS = ("prepare", "train", "pseudomasks", "refine")
+#: What each command reads that another command writes: run first (unmeasured) when only it is asked for.
+NEEDS = {"prepare": (), "train": (), "pseudomasks": ("train",), "refine": ("train", "pseudomasks")}
+
+
+def commands_to_run(wanted: list[str], variant: str) -> list[str]:
+    """The commands a ``variant`` ("files" / "store") run needs for ``wanted``, in :data:`COMMANDS` order:
+    the wanted ones, what they read (:data:`NEEDS`), and ``prepare`` before the first store run."""
+    needed = set(wanted) | {dep for name in wanted for dep in NEEDS[name]}
+    if variant == "store" and needed:
+        needed.add("prepare")
+    else:
+        needed.discard("prepare")  # it writes the store: measured in the store rows only
+    return [name for name in COMMANDS if name in needed]
 
 
 # ---- measuring one process tree ----------------------------------------------------------------------------
@@ -175,15 +189,15 @@ def command_lines(data: Path, run: Path) -> dict[str, list[str]]:
 
 
 def run_command(name: str, argv: list[str], env: dict[str, str], log_file: Path, tiles: int,
-                interval: float) -> dict[str, Any]:
-    """One measured command; a failure ends the benchmark with the end of its log."""
+                interval: float, note: str = "") -> dict[str, Any]:
+    """One measured command (``note`` ends its line); a failure ends the benchmark with the end of its log."""
     result = run_measured([sys.executable, "-m", "weakseg.cli", *argv], env, log_file, interval)
     result.update(command=name, tiles=tiles, tiles_per_s=tiles / result["wall_s"], argv=argv)
     status = "ok" if result["rc"] == 0 else f"FAILED (exit {result['rc']})"
     print(f"  {log_file.stem:30s} {status:4s} {result['wall_s']:7.1f} s {result['tiles_per_s']:7.1f} "
           f"tiles/s  "
           f"peak VmRSS {result['peak_VmRSS_mb']:5.0f} MB (RssAnon {result['peak_RssAnon_mb']:5.0f}, RssFile "
-          f"{result['peak_RssFile_mb']:5.0f}), ru_maxrss {result['ru_maxrss_mb']:5.0f} MB", flush=True)
+          f"{result['peak_RssFile_mb']:5.0f}), ru_maxrss {result['ru_maxrss_mb']:5.0f} MB{note}", flush=True)
     if result["rc"] != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
         print(f"---- {log_file} (last 40 lines)\n{tail}")
@@ -209,13 +223,16 @@ def bench_size(tiles: int, args: argparse.Namespace, work: Path, env: dict[str, 
             run = work / f"run_{tiles}_{variant}_{repeat}"
             lines = command_lines(data, run)
             # prepare once, before the first run that reads the store; the files runs come before it
-            names = COMMANDS if variant == "store" and repeat == 0 else COMMANDS[1:]
+            names = [n for n in commands_to_run(args.commands, variant) if n != "prepare" or repeat == 0]
             for name in names:
                 reads = "prepare" if name == "prepare" else variant
                 label = f"{tiles}-{reads}-{name}" + (f"-r{repeat}" if args.repeats > 1 else "")
-                result = run_command(name, lines[name], env, logs / f"{label}.log", tiles, args.interval)
+                measured = name in args.commands
+                result = run_command(name, lines[name], env, logs / f"{label}.log", tiles, args.interval,
+                                     note="" if measured else "  (needed by --commands, not compared)")
                 result.update(variant=reads, repeat=repeat)
-                results.append(result)
+                if measured:
+                    results.append(result)
             shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)  # its store (data/.weakseg_store) with it
     return results
@@ -284,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile_size", type=int, default=64, help="tile side in pixels (64)")
     parser.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
                         help="also run weakseg prepare and the three commands on the tile store (default on)")
+    parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS),
+                        help="commands to measure and compare (default all); what they read (train for "
+                             "pseudomasks, train and pseudomasks for refine, prepare for the store) still "
+                             "runs, not compared")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each command per dataset (medians compared, the spread printed)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between two memory samples")
@@ -308,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="weakseg_memory_scale_", dir=args.workdir))
     sizes = sorted(dict.fromkeys(args.tiles))
-    print(f"memory scale benchmark: {os.cpu_count()} CPU(s), commands with {threads} thread(s), tiles "
+    args.commands = [name for name in COMMANDS if name in args.commands]
+    print(f"memory scale benchmark: {os.cpu_count()} CPU(s), {', '.join(args.commands)} with {threads} "
+          "thread(s), tiles "
           f"{sizes} of {args.tile_size} x {args.tile_size}, store {'on' if args.store else 'off'}, work "
           f"folder {work}, python {sys.version.split()[0]}", flush=True)
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from weakseg.data import open_dataset
-from weakseg.data.targets import TargetMasks, drop_low_confidence, has_confidence_maps, load_targets
+from weakseg.data.targets import TargetMasks, TargetTiles, drop_low_confidence, has_confidence_maps, load_targets
 from weakseg.errors import DataError
 from weakseg.data.mask_files import confidence_path, write_confidence_geotiff, write_mask_geotiff
 
@@ -133,3 +133,50 @@ def test_ground_truth_targets_count_only_their_own_no_data() -> None:
     assert targets.ignored_fraction == pytest.approx(3 / 8)
     assert targets.low_confidence_fraction == 0.0 and not targets.has_confidence
     assert all(np.array_equal(a, b) for a, b in zip(targets.masks, masks, strict=True))
+
+
+# ---- masks read per tile, never held for the split (issue 12) -----------------------------------------------
+def held_arrays(masks: object) -> list[str]:
+    """Attributes of ``masks`` (or ``masks`` itself, a list) that hold numpy arrays, directly or in a container."""
+    items = {"<the sequence>": masks} if isinstance(masks, (list, tuple)) else vars(masks)
+    found = []
+    for name, value in items.items():
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, np.ndarray) for v in values):
+            found.append(name)
+    return found
+
+
+def test_targets_keep_file_names_and_read_a_mask_changed_on_disk_as_changed(reader, tmp_path: Path) -> None:
+    folder = write_banded_folder(reader, tmp_path)
+    targets = load_targets(folder, reader, "validation", (TILE, TILE), min_confidence=THRESHOLD)
+    assert held_arrays(targets.masks) == []
+    tiles = TargetTiles(reader, targets.masks, lambda s: s, (TILE, TILE))
+    assert (tiles[0]["mask"][:10] == 255).all() and (tiles[0]["mask"][10:] == 0).all()
+    # After the check: class 5 everywhere, then every pixel confident. Each read sees the files as they are now.
+    tile_id = reader.ids[0]
+    write_mask_geotiff(folder / f"{tile_id}.tif", np.full((TILE, TILE), 5, np.uint8), reader.source_path(0))
+    mask = tiles[0]["mask"]  # (H, W) int64
+    assert (mask[:2] == 5).all() and (mask[LOW_ROWS] == 255).all() and (mask[10:] == 5).all()
+    write_confidence_geotiff(confidence_path(folder, tile_id), np.full((TILE, TILE), HIGH), reader.source_path(0))
+    assert (tiles[0]["mask"] == 5).all() and np.array_equal(targets.masks[0], np.full((TILE, TILE), 5, np.uint8))
+
+
+def test_a_mask_spoilt_after_the_check_fails_naming_the_file(reader, tmp_path: Path) -> None:
+    folder = write_banded_folder(reader, tmp_path)
+    targets = load_targets(folder, reader, "validation", (TILE, TILE), min_confidence=0.0)
+    path = folder / f"{reader.ids[3]}.tif"
+    write_mask_geotiff(path, np.full((TILE, TILE), 200, np.uint8), None)
+    with pytest.raises(DataError, match=rf"pseudomask {path} holds values \[200\] that are neither a class id"):
+        targets.masks[3]
+    write_mask_geotiff(path, np.zeros((16, 16), np.uint8), None)
+    with pytest.raises(DataError, match=rf"pseudomask {path} is 16x16 but tile '{reader.ids[3]}'"):
+        targets.masks[3]
+
+
+def test_ground_truth_targets_from_the_reader_are_read_per_tile(reader) -> None:
+    targets = TargetMasks.from_reader(reader)
+    held = TargetMasks.from_masks([reader.read_mask(i) for i in range(len(reader.ids))])
+    assert held_arrays(targets.masks) == [] and len(targets.masks) == len(reader.ids)
+    assert targets.ignored_fraction == held.ignored_fraction
+    assert all(a.dtype == np.uint8 and np.array_equal(a, b) for a, b in zip(targets.masks, held.masks, strict=True))

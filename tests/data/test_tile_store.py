@@ -369,3 +369,19 @@ def test_a_window_read_asks_the_kernel_for_exactly_the_rows_of_the_window(dfc, m
     np.testing.assert_array_equal(span[: W], store.images[k, 0, top])  # first: band 0, row top
     np.testing.assert_array_equal(span[-W:], store.images[k, C - 1, top + h - 1])  # last: last band, last row
     np.testing.assert_array_equal(window, store.images[k, :, top : top + h, 3:13].astype(np.float32))
+
+
+def test_an_open_store_keeps_a_digest_per_tile_and_still_names_the_changed_file(dfc):
+    """Issue 12: the recorded fingerprints (~0.8 kB a tile as lists) are kept as 16-byte digests; the lists are
+    read again from meta.json only to say what changed."""
+    path = _prepare(dfc, dtype="float32").path
+    store = TileStore.open(path)
+    digests = store._fingerprints()
+    assert len(digests) == 12 and all(isinstance(d, bytes) and len(d) == 16 for d in digests.values())
+    reader = open_dataset("dfc2020", dfc, "validation", store=False)
+    assert store.is_fresh(reader) == (True, "")
+    size = _s2_file(dfc, 5).stat().st_size
+    with _s2_file(dfc, 5).open("ab") as f:
+        f.write(b"\0")
+    name = _s2_file(dfc, 5).relative_to(dfc).as_posix()
+    assert store.is_fresh(reader) == (False, f"{name} changed size ({size} -> {size + 1} bytes)")

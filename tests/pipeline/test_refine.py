@@ -687,12 +687,43 @@ def test_label_weighting_multiplies_unet_and_classifier_probabilities() -> None:
     assert torch.allclose(out["prob"][1, 0], torch.tensor([0.6 / (0.6 + 0.15 + 0.05), 0.5 / (0.5 + 0.05 + 0.2)]))
 
 
+def test_every_stage_trains_on_masks_read_per_tile_not_held(data_root: Path, pseudomasks: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: iteration 1 (the pseudomask folder), iteration 2 (the UNet's masks) and the supervised run (the
+    ground truth) hand training a sequence that reads each mask when drawn, holding no array per tile."""
+    held: list[list[str]] = []
+
+    def fit(task: Any, trainer: Any, loader: Any) -> None:
+        masks = loader.dataset.masks
+        items = {"list": masks} if isinstance(masks, list) else vars(masks)
+        held.append([k for k, v in items.items()
+                     if isinstance(v, np.ndarray) or (isinstance(v, list) and any(isinstance(m, np.ndarray) for m in v))])
+        REAL_FIT(task, trainer, loader)
+
+    monkeypatch.setattr(refine_module, "_fit", fit)
+    refine(make_cfg(data_root, pseudomasks, tmp_path / "out", iterations=2))
+    refine(make_cfg(data_root, None, tmp_path / "out", supervised=True))
+    assert held == [[], [], []]
+
+
+def test_label_probabilities_are_one_array_looked_up_by_tile_id() -> None:
+    """Issue 12: one (N, C) array and an id -> row index, not a small array per tile."""
+    probs = np.arange(6, dtype=np.float32).reshape(3, 2)  # (N, C)
+    table = refine_module.LabelProbabilities(["a", "b", "c"], probs)
+    assert list(table) == ["a", "b", "c"] and len(table) == 3 and "b" in table and "d" not in table
+    assert table["b"].tolist() == [2.0, 3.0] and np.shares_memory(table["b"], probs)
+    assert np.stack([table[i] for i in ["c", "a"]]).tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="3 tile ids but probabilities of shape"):
+        refine_module.LabelProbabilities(["a", "b", "c"], probs[:2])
+
+
 def test_classifier_probabilities_cover_every_tile(tiny_checkpoint: Path, tiny_dfc: Path) -> None:
     probs = refine_module.classifier_probabilities(tiny_checkpoint, "dfc2020", str(tiny_dfc), "validation:train",
                                                    batch_size=5)
     reader = open_dataset("dfc2020", tiny_dfc, "validation:train")
     assert list(probs) == reader.ids
     assert all(p.shape == (8,) and ((p > 0) & (p < 1)).all() for p in probs.values())
+    assert isinstance(probs, refine_module.LabelProbabilities) and probs.probs.shape == (len(reader.ids), 8)
 
 
 def test_refinement_with_a_classifier_weights_every_prediction_and_scores_the_unet_alone(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
+from weakseg.pipeline import run_figures
 from weakseg.pipeline.run_figures import (
     _guarded,
     sample_tiles,
@@ -62,3 +66,26 @@ def test_refine_figures_disabled_read_nothing(tmp_path) -> None:
             raise AssertionError("the reader must not be touched with figures off")
 
     assert write_refine_figures(tmp_path, json.loads("{}"), NoReader(), 4, enabled=False) == []
+
+
+def test_the_figures_read_only_the_manifest_rows_of_the_picked_tiles(tmp_path: Path) -> None:
+    """A manifest of 5,000 rows (~2 kB each as dicts, ~10 MB together): the pick keeps the skipped ids and the
+    rows of the drawn tiles only (issue 12: memory flat in the number of tiles)."""
+    fields = ["id", "status", "reason", "labels", "probabilities"]
+    with (tmp_path / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for k in range(5000):
+            w.writerow({"id": f"t{k}", "status": "skipped" if k in (3, 4000) else "ok", "reason": "r" * 40,
+                        "labels": "Forest;Water", "probabilities": ";".join(f"c{c}=0.{c}000" for c in range(8))})
+    tracemalloc.start()
+    try:
+        skipped, rows = run_figures._skipped_ids(tmp_path), run_figures._manifest(tmp_path, {"t7", "t4999"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert skipped == {"t3", "t4000"}
+    assert sorted(rows) == ["t4999", "t7"] and rows["t7"]["labels"] == "Forest;Water"
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MB"
+    assert run_figures._manifest(tmp_path / "none", {"t7"}) == {}
+    assert run_figures._skipped_ids(tmp_path / "none") == set()

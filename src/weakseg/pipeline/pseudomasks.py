@@ -47,6 +47,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,6 @@ from weakseg.io import (
     folder_lock,
     process_rank,
     make_dir,
-    read_jsonl,
     repair_jsonl,
 )
 from weakseg.masks.labels import oracle_label_sets, predicted_label_sets
@@ -326,29 +326,118 @@ class PseudomaskWriter(BasePredictionWriter):
                 "_time": time.time_ns()}
 
 
-def read_manifest_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Rows of earlier (possibly killed) runs from every rank's log; per id the latest row wins; torn lines ignored.
+def _log_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, row) of every JSON-object line of one rank's log, read a line at a time; torn lines skipped.
+
+    The lines :func:`weakseg.io.read_jsonl` accepts, without holding the file: a log has a row per tile.
+
+    Raises:
+        DataError: the log cannot be read (the message names it).
+    """
+    try:
+        with path.open("rb") as f:
+            offset = 0
+            for line in f:  # split at b"\n", as read_jsonl
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(row, dict):
+                    yield start, row
+    except OSError as e:
+        raise DataError(f"cannot read manifest log {path}: {e}") from e
+
+
+class _LatestRows:
+    """Where the latest row of each tile of ``ids`` lies in the rank logs of ``out_dir``: log and byte offset.
+
+    Why: a manifest has a row per tile (about 3 kB as a parsed dict), so holding every row to write them in the
+    dataset's order made ``pseudomasks`` grow by ~30 MB per 10,000 tiles. This keeps three integers per tile and
+    reads each row back from its log when it is needed (:meth:`rows`).
 
     "Latest" is by the row's write time (``_time``), not by file: a tile redone by rank 0 must win over the row
-    an earlier DDP run's rank 1 wrote for it.
+    an earlier DDP run's rank 1 wrote for it; at equal times the later log, then the later line, wins. Rows of
+    tiles not in ``ids`` and torn lines are ignored.
     """
-    rows: dict[str, dict[str, Any]] = {}
-    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
+
+    def __init__(self, out_dir: Path, ids: Sequence[str]) -> None:
+        self.out_dir = out_dir
+        self.logs = sorted(out_dir.glob(MANIFEST_LOG_GLOB))
+        self._slot = {tid: k for k, tid in enumerate(dict.fromkeys(ids))}  # id -> slot (duplicates share one)
+        n = len(self._slot)
+        self._time: list[Any] = [None] * n  # _time of the latest row so far; None: no row
+        self._log = [0] * n  # index into self.logs
+        self._offset = [0] * n  # byte offset of the row in that log
+        for number, path in enumerate(self.logs):
+            for offset, row in _log_rows(path):
+                tid = row.get("id")
+                k = self._slot.get(tid) if isinstance(tid, str) else None
+                if k is None:
+                    continue
+                t = row.get("_time", 0)
+                if self._time[k] is None or t >= self._time[k]:
+                    self._time[k], self._log[k], self._offset[k] = t, number, offset
+
+    def has(self, tile_id: str) -> bool:
+        """Whether ``tile_id`` has a row."""
+        k = self._slot.get(tile_id)
+        return k is not None and self._time[k] is not None
+
+    def rows(self, ids: Sequence[str]) -> Iterator[dict[str, Any] | None]:
+        """The latest row of every tile of ``ids`` (None: it has none), in that order, read one at a time."""
+        files: dict[int, Any] = {}  # log number -> open file
         try:
-            found, _ = read_jsonl(path)
-        except OSError as e:
-            raise DataError(f"cannot read manifest log {path}: {e}") from e
-        for row in found:
-            tid = row.get("id")
-            if isinstance(tid, str) and (tid not in rows or row.get("_time", 0) >= rows[tid].get("_time", 0)):
-                rows[tid] = row
-    return rows
+            for tid in ids:
+                if not self.has(tid):
+                    yield None
+                    continue
+                k = self._slot[tid]
+                number = self._log[k]
+                if number not in files:
+                    files[number] = self.logs[number].open("rb")
+                f = files[number]
+                f.seek(self._offset[k])
+                yield json.loads(f.readline())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the manifest logs ({MANIFEST_LOG_GLOB}) of {self.out_dir} (changed while "
+                            f"the run read them?): {e}") from e
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def _needs_repair(path: Path) -> bool:
+    """Whether a rank's log has a torn line or lacks its last newline (read a line at a time)."""
+    try:
+        with path.open("rb") as f:
+            last = b""
+            for line in f:
+                last = line
+                if not line.strip():
+                    continue
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        return True
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return True
+            return bool(last) and not last.endswith(b"\n")
+    except OSError:
+        return True  # repair_jsonl reports it, naming the file
 
 
 def repair_manifests(out_dir: Path) -> int:
-    """Drop the lines a kill cut short from every rank's log before anything is appended; returns how many."""
+    """Drop the lines a kill cut short from every rank's log before anything is appended; returns how many.
+
+    A log is first scanned a line at a time; only a damaged one (after a kill) is rewritten by
+    :func:`weakseg.io.repair_jsonl`, which reads it whole.
+    """
     dropped = 0
     for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
+        if not _needs_repair(path):
+            continue
         n = repair_jsonl(path)
         if n:
             log.warning("warning: %s: dropped %d torn line(s) left by a killed or failed run; those tiles are redone",
@@ -387,23 +476,28 @@ def incomplete_reason(out_dir: Path, row: dict[str, Any], *, checksum: bool = Tr
 
 
 def completed_tiles(out_dir: Path, ids: list[str], *, warn: bool = True) -> set[str]:
-    """Tiles of ``ids`` with a non-skipped row whose files match it (size and sha256); warns about the others."""
-    rows = read_manifest_rows(out_dir)
+    """Tiles of ``ids`` with a non-skipped row whose files match it (size and sha256); warns about the others.
+
+    Reads the rows one at a time (:class:`_LatestRows`): only the ids of the tiles done are kept.
+    """
+    unique = list(dict.fromkeys(ids))
     done: set[str] = set()
-    redo: dict[str, str] = {}
-    for tid in ids:
-        row = rows.get(tid)
+    redo: dict[str, str] = {}  # the first few tiles to redo, for the warning
+    redone = 0
+    for tid, row in zip(unique, _LatestRows(out_dir, unique).rows(unique), strict=True):
         if row is None or row.get("status") == "skipped":
             continue  # never written, or unreadable last time: tried (again)
         why = incomplete_reason(out_dir, row)
         if why:
-            redo[tid] = why
+            redone += 1
+            if len(redo) < 5:
+                redo[tid] = why
         else:
             done.add(tid)
-    if redo and warn:
-        shown = "; ".join(f"{t}: {why}" for t, why in list(redo.items())[:5])
-        log.warning("warning: %d tile(s) listed as written have incomplete files and are redone (%s%s)", len(redo),
-                    shown, "; ..." if len(redo) > 5 else "")
+    if redone and warn:
+        shown = "; ".join(f"{t}: {why}" for t, why in redo.items())
+        log.warning("warning: %d tile(s) listed as written have incomplete files and are redone (%s%s)", redone,
+                    shown, "; ..." if redone > 5 else "")
     return done
 
 
@@ -459,26 +553,26 @@ def _read_run_file(run_file: Path) -> dict[str, Any] | None:
 
 def _previous_run_files(out_dir: Path) -> set[str]:
     """Names (relative to ``out_dir``) of the masks and confidence maps the earlier run's manifest lists."""
-    rows: list[dict[str, Any]] = []
-    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):
-        try:
-            rows += read_jsonl(path)[0]
-        except OSError as e:
-            raise DataError(f"cannot read manifest log {path}: {e}") from e
-    csv_path = out_dir / "manifest.csv"
-    if csv_path.is_file():
-        try:
-            with csv_path.open(newline="") as f:
-                rows += list(csv.DictReader(f))
-        except (OSError, csv.Error, UnicodeDecodeError) as e:
-            log.warning("warning: cannot read %s (%s): the files only it lists are left in place", csv_path, e)
     names: set[str] = set()
-    for row in rows:
+
+    def add(row: dict[str, Any]) -> None:
         tid = row.get("id")
         # Only the names this module writes; an older manifest has no confidence_file, but its writer always put
         # the confidence map at confidence/<id>.tif beside the mask.
         if isinstance(tid, str) and tid and "/" not in tid and row.get("file") == f"{tid}.tif":
-            names |= {f"{tid}.tif", f"{CONFIDENCE_DIR}/{tid}.tif"}
+            names.update((f"{tid}.tif", f"{CONFIDENCE_DIR}/{tid}.tif"))
+
+    for path in sorted(out_dir.glob(MANIFEST_LOG_GLOB)):  # rows read one at a time, never all held
+        for _, row in _log_rows(path):
+            add(row)
+    csv_path = out_dir / "manifest.csv"
+    if csv_path.is_file():
+        try:
+            with csv_path.open(newline="") as f:
+                for row in csv.DictReader(f):
+                    add(row)
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            log.warning("warning: cannot read %s (%s): the files only it lists are left in place", csv_path, e)
     return names
 
 
@@ -716,37 +810,56 @@ def finalize(out_dir: Path, reader: Any, job: PseudomaskJob, elapsed: float, til
     """Merge every rank's rows into ``manifest.csv`` (dataset order) and write ``summary.json``.
 
     Every written tile's files are checked against their row (existence and size, no re-hash: they were hashed as
-    written, and resume re-hashes), so the summary never counts a file that is not there.
+    written, and resume re-hashes), so the summary never counts a file that is not there. The rows are read back
+    from the rank logs one at a time in dataset order (:class:`_LatestRows`) and written as they come, with the
+    summary's counts kept on the way, so memory does not grow with the number of tiles; the manifest replaces the
+    old one only when every row is written and no tile's files are broken.
     """
-    rows = read_manifest_rows(out_dir)
-    missing = [t for t in reader.ids if t not in rows]
+    ids = list(reader.ids)
+    latest = _LatestRows(out_dir, ids)
+    missing = [t for t in ids if not latest.has(t)]
     if missing:
         raise WeaksegError(f"{len(missing)} tile(s) have no manifest row after the run: {missing[:5]}")
-    ordered = [rows[t] for t in reader.ids]
-    broken = {r["id"]: why for r in ordered if r["status"] != "skipped"
-              for why in [incomplete_reason(out_dir, r, checksum=False)] if why}
-    if broken:
-        raise WeaksegError(
-            f"{len(broken)} tile(s) of {out_dir} have missing or incomplete files after the run ("
-            + "; ".join(list(broken.values())[:3]) + "); run the same command again to redo them"
-        )
+    status: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    written = best = checked = num_broken = 0
+    skipped: list[dict[str, Any]] = []
+    broken: list[str] = []  # the first three reasons, for the message
     with atomic_path(out_dir / "manifest.csv", durable=True) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(ordered)
-    status = Counter(r["status"] for r in ordered)
-    reasons = Counter(r["reason"].split(";")[0] if r["status"] != "skipped" else "unreadable" for r in ordered)
+        for r in latest.rows(ids):
+            assert r is not None  # every tile has a row (checked above)
+            if r["status"] != "skipped":
+                why = incomplete_reason(out_dir, r, checksum=False)
+                if why:
+                    num_broken += 1
+                    if len(broken) < 3:
+                        broken.append(why)
+            w.writerow(r)
+            status[r["status"]] += 1
+            reasons[r["reason"].split(";")[0] if r["status"] != "skipped" else "unreadable"] += 1
+            written += 1 if r["file"] else 0
+            if r["status"] == "skipped":
+                skipped.append({"id": r["id"], "reason": r["reason"]})
+            if r.get("assignment"):
+                checked += 1
+                best += r["assignment"] == ASSIGNMENT_BEST
+        if num_broken:  # raised inside: the partial manifest is removed, the old one stays
+            raise WeaksegError(
+                f"{num_broken} tile(s) of {out_dir} have missing or incomplete files after the run ("
+                + "; ".join(broken) + "); run the same command again to redo them"
+            )
     summary = {
         "method": job.method, "oracle": job.oracle, "relabel": job.relabel, "dataset": job.dataset,
         "split": job.split, "modality": getattr(reader, "modality", "s2"),  # evaluation reads no-data the same way
-        "tiles": len(ordered), "written": sum(1 for r in ordered if r["file"]),
+        "tiles": len(ids), "written": written,
         "status": dict(status), "reasons": dict(reasons),
         "tiles_this_run": tiles_this_run, "seconds_this_run": round(elapsed, 2),
-        "skipped": [{"id": r["id"], "reason": r["reason"]} for r in ordered if r["status"] == "skipped"],
+        "skipped": skipped,
     }
-    checked = [r.get("assignment", "") for r in ordered if r.get("assignment")]
     if checked:
-        summary["assignment"] = {"best": checked.count(ASSIGNMENT_BEST), "checked": len(checked),
+        summary["assignment"] = {"best": best, "checked": checked,
                                  "labels": "oracle" if job.oracle else "predicted"}
     atomic_write_json(out_dir / "summary.json", summary, durable=True)
     return summary

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +191,24 @@ def pseudomask_figure_files(out_dir: Path) -> list[Path]:
                         *sorted(fig_dir.glob("attention_heads_*.png"))] if p.is_file()]
 
 
-def _manifest(out_dir: Path) -> dict[str, dict[str, str]]:
+def _manifest_rows(out_dir: Path) -> Iterator[dict[str, str]]:
+    """The rows of ``out_dir/manifest.csv`` one at a time (none without the file)."""
     path = out_dir / "manifest.csv"
     if not path.is_file():
-        return {}
+        return
     with path.open(newline="") as f:
-        return {row["id"]: row for row in csv.DictReader(f)}
+        yield from csv.DictReader(f)
+
+
+def _manifest(out_dir: Path, ids: Collection[str]) -> dict[str, dict[str, str]]:
+    """The manifest rows of the tiles ``ids`` only, by id: the figures show a few tiles, and a manifest has a row
+    (about 3 kB as a dict) per tile of the split, so the whole of it is never held."""
+    return {row["id"]: row for row in _manifest_rows(out_dir) if row["id"] in ids}
+
+
+def _skipped_ids(out_dir: Path) -> set[str]:
+    """Ids of the tiles the run skipped (unreadable; status ``skipped`` in the manifest), read row by row."""
+    return {row["id"] for row in _manifest_rows(out_dir) if row.get("status") == "skipped"}
 
 
 def _pseudomask_figures(out_dir: Path, reader: Any, task: Any, runner: Any, figure_tiles: int) -> list[Path]:
@@ -207,11 +219,12 @@ def _pseudomask_figures(out_dir: Path, reader: Any, task: Any, runner: Any, figu
     fig_dir = out_dir / FIGURES_DIR
     for stale in pseudomask_figure_files(out_dir):  # drawn for other tiles (another --figure_tiles)
         stale.unlink(missing_ok=True)
-    manifest = _manifest(out_dir)
     # Tiles the run skipped (unreadable, with the reason in the manifest) have nothing to draw.
-    usable = [i for i, tid in enumerate(reader.ids) if manifest.get(tid, {}).get("status") != "skipped"]
+    skipped = _skipped_ids(out_dir)
+    usable = [i for i, tid in enumerate(reader.ids) if tid not in skipped]
     rule = _two_classes_rule(reader, out_dir)
     picks = [usable[j] for j in sample_tiles(len(usable), figure_tiles, has_two_classes=lambda j: rule(usable[j]))]
+    manifest = _manifest(out_dir, {reader.ids[i] for i in picks})
     rows, image_title, confidences = [], "image", []
     for i in picks:
         tid = reader.ids[i]
