@@ -149,8 +149,10 @@ class DFC2020Dataset(TileDataset):
         self.s2_dir = self._sensor_dir("s2")
         self.dfc_dir = self._sensor_dir("dfc")
         self.s1_dir = self._sensor_dir("s1") if modality == "s1s2" else None
-        self._s2_files = self._list_s2_files()
-        self.ids = [self._tile_id(p) for p in self._s2_files]
+        # S2 file names, not Path objects: a Path with its parts and cached string is ~0.7 kB that a reader keeps
+        # for the whole run, per tile (traced in benchmarks/memory_scale.py's pseudomasks); a name is ~0.1 kB.
+        self._s2_names = self._list_s2_names()
+        self.ids = [self._tile_id(name) for name in self._s2_names]
 
     # ---- discovery ------------------------------------------------------------------------------------
     def _sensor_dir(self, sensor: str) -> Path:
@@ -162,12 +164,12 @@ class DFC2020Dataset(TileDataset):
             f"{', '.join(_sensor_folder_names(sensor, self.split))})"
         )
 
-    def _list_s2_files(self) -> list[Path]:
+    def _list_s2_names(self) -> list[str]:
         files = []
         for p in self.s2_dir.iterdir():
             m = _PATCH_RE.match(p.name)
             if m:
-                files.append((int(m["num"]), p))
+                files.append((int(m["num"]), p.name))
             elif p.suffix.lower() in (".tif", ".tiff"):
                 raise DataError(
                     f"{p} does not follow the DFC2020 naming <season>_s2_<scene>_p<N>.tif "
@@ -175,11 +177,11 @@ class DFC2020Dataset(TileDataset):
                 )
         if not files:
             raise DataError(f"{self.s2_dir} holds no S2 tiles (*_s2_*_p<N>.tif): the split is empty")
-        return [p for _, p in sorted(files)]
+        return [name for _, name in sorted(files)]
 
     @staticmethod
-    def _tile_id(s2_path: Path) -> str:
-        m = _PATCH_RE.match(s2_path.name)
+    def _tile_id(s2_name: str) -> str:
+        m = _PATCH_RE.match(s2_name)
         assert m is not None
         return f"{m['prefix']}_p{m['num']}"
 
@@ -190,23 +192,23 @@ class DFC2020Dataset(TileDataset):
         return path
 
     def _restrict_files(self, indices: list[int]) -> None:
-        self._s2_files = [self._s2_files[i] for i in indices]
+        self._s2_names = [self._s2_names[i] for i in indices]
 
     # ---- reading --------------------------------------------------------------------------------------
     def source_path(self, i: int) -> Path:
         """The S2 file of tile ``i``: outputs copy its georeference."""
-        return self._s2_files[i]
+        return self.s2_dir / self._s2_names[i]
 
     def mask_path(self, i: int) -> Path:
-        return self._paired(self._s2_files[i], "dfc", self.dfc_dir)
+        return self._paired(self.source_path(i), "dfc", self.dfc_dir)
 
     def _image_files(self, i: int) -> list[Path]:
-        s2_path = self._s2_files[i]
+        s2_path = self.source_path(i)
         return [s2_path] if self.s1_dir is None else [s2_path, self._paired(s2_path, "s1", self.s1_dir)]
 
     def _read_image(self, i: int) -> np.ndarray:
         """Scaled S2 (then S1), NaN in every band of a pixel invalid in either file (module docstring)."""
-        s2_path = self._s2_files[i]
+        s2_path = self.source_path(i)
         s2, valid = scale_valid(*read_raster_nodata(s2_path, 13), scale_s2, s2_path)  # (13, H, W), (H, W)
         if self.s1_dir is None:
             return mark_invalid(s2, valid)
