@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -761,3 +762,35 @@ def test_missing_classifier_checkpoint_is_a_config_error(data_root: Path, pseudo
     cfg = make_cfg(data_root, pseudomasks, tmp_path / "o", classifier=str(tmp_path / "nope.ckpt"))
     with pytest.raises(ConfigError, match="nope.ckpt does not exist"):
         refine(cfg)
+
+
+def test_eval_split_of_training_tiles_is_warned_and_counted(
+    data_root: Path, pseudomasks: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], refined: tuple[Path, dict, list[dict[str, Any]]],
+) -> None:
+    """``--eval_split`` naming the training split scores training tiles: the run says so, in the log, in its
+    printed summary and in ``summary.json``; a held-out split counts 0 and says nothing."""
+    assert refined[1]["eval_tiles_in_training"] == 0  # eval split "test"
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="weakseg.pipeline.refine"):
+        summary = refine(make_cfg(data_root, pseudomasks, out, iterations=1, eval_split="validation"))
+    expected = "8 of the 8 tiles of eval split 'validation' are training tiles of split 'validation'"
+    assert summary["eval_tiles_in_training"] == 8
+    assert json.loads((out / "summary.json").read_text())["eval_tiles_in_training"] == 8
+    assert any(expected in r.getMessage() for r in caplog.records)
+    assert f"warning: {expected}" in capsys.readouterr().out
+
+
+def test_shared_tiles_compares_files_not_ids(data_root: Path) -> None:
+    train = open_dataset("dfc2020", data_root, "validation")
+    test = open_dataset("dfc2020", data_root, "test")
+
+    class Renamed:  # the test files under the training split's ids
+        ids = train.ids[: len(test.ids)]
+
+        def source_path(self, i: int) -> Path:
+            return test.source_path(i)
+
+    assert refine_module.shared_tiles(train, Renamed()) == 0
+    assert refine_module.shared_tiles(train, test) == 0
+    assert refine_module.shared_tiles(train, train) == len(train.ids)

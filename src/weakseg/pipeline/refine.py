@@ -325,6 +325,17 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def shared_tiles(train_reader: Any, eval_reader: Any) -> int:
+    """How many tiles of ``eval_reader`` are tiles of ``train_reader`` (the same image file).
+
+    Why: ``--eval_split`` is there to score the UNet on tiles it was not trained on; naming the training split
+    itself (or a part of it) gives training-tile scores under a held-out label. Files, not ids, are compared: two
+    folders of a dataset may use the same tile names for different images.
+    """
+    train_files = {os.path.abspath(train_reader.source_path(i)) for i in range(len(train_reader.ids))}
+    return sum(os.path.abspath(eval_reader.source_path(i)) in train_files for i in range(len(eval_reader.ids)))
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 class _Context:
     """What every stage shares: readers, tile geometry, the data config and the output folder."""
@@ -344,6 +355,10 @@ class _Context:
                     f"tiles of eval split {cfg.eval_split!r} have {channels} channels but those of split "
                     f"{cfg.split!r} have {self.channels}"
                 )
+        #: Tiles of the eval split that are training tiles too: its scores are then not held out.
+        self.eval_overlap = shared_tiles(self.train_reader, self.eval_reader) if self.eval_reader is not None else 0
+        if self.eval_overlap and _is_rank_zero():
+            log.warning("warning: %s", self.overlap_message())
         band_stats = cfg.band_stats
         if cfg.normalization == "standardize" and band_stats is None:
             band_stats = [list(v) for v in compute_band_stats(self.train_reader)]
@@ -363,6 +378,11 @@ class _Context:
             if reader.read_image(0).nbytes * len(reader.ids) <= CACHE_LIMIT_BYTES:
                 reader = open_dataset(cfg.dataset, cfg.datadir, split, modality=cfg.modality, cache=True)
         return reader
+
+    def overlap_message(self) -> str:
+        assert self.eval_reader is not None
+        return (f"{self.eval_overlap} of the {len(self.eval_reader.ids)} tiles of eval split {self.cfg.eval_split!r} "
+                f"are training tiles of split {self.cfg.split!r}: its scores are not held-out scores")
 
     @property
     def has_gt(self) -> bool:
@@ -732,7 +752,8 @@ def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:
     Returns:
         The summary, also written to ``output_dir/summary.json`` (merged with the other mode's results when
         the same folder holds both): ``output_dir``, ``split``, ``eval_split``, ``has_ground_truth``,
-        ``eval_has_ground_truth``, ``iterations`` (one entry per iteration 0..N: ``iteration``, ``masks``,
+        ``eval_has_ground_truth``, ``eval_tiles_in_training`` (tiles of ``eval_split`` that are training tiles:
+        0 for a held-out split, warned about otherwise), ``iterations`` (one entry per iteration 0..N: ``iteration``, ``masks``,
         ``eval_masks``, ``train_scores`` and ``eval_scores`` as ``{miou, oa, aa, coverage}`` or None,
         ``train_loss``, ``train_seconds``, ``predict_seconds``, ``ignored_fraction`` (share of the target
         pixels the loss ignored: unlabelled or below ``min_confidence``; None for iteration 0),
@@ -785,6 +806,7 @@ def _refine(cfg: RefineConfig, verbose: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "output_dir": str(out), "split": cfg.split, "eval_split": cfg.eval_split,
         "has_ground_truth": ctx.has_gt, "eval_has_ground_truth": ctx.eval_has_gt,
+        "eval_tiles_in_training": ctx.eval_overlap,
         "iterations": previous.get("iterations", []), "final_masks": previous.get("final_masks"),
         "supervised": previous.get("supervised"),
     }
@@ -849,4 +871,6 @@ def _refine(cfg: RefineConfig, verbose: bool) -> dict[str, Any]:
             if table:
                 print(f"\nper-class scores on the {title}")
                 print(format_scores_table(table))
+        if ctx.eval_overlap:
+            print(f"\nwarning: {ctx.overlap_message()}")
     return summary
