@@ -18,7 +18,8 @@ process and on the same tiles (and on the same batches for the step):
 - (e) the training step's consumption: images/s of full optimisation steps (forward, the task's loss, backward,
   AdamW; :meth:`ClassificationTask.training_step` as ``benchmarks/train_step.py`` times it) of the default
   ``weakseg train`` classifier (:class:`~weakseg.pipeline.train.TrainConfig` defaults: ViT 64 x 64 / 8, dim 96,
-  depth 4, 6 heads, no pruning) on batches from (d), with ``--threads`` torch threads;
+  depth 4, 6 heads, no pruning) on the batches of one epoch of (d) (at most 32, collated beforehand and kept in
+  memory), with ``--threads`` torch threads;
 - (f) the check of the prediction: images/s of whole epochs of DataLoader + step, for each loader of (d).
 
 The table gives per source tiles/s, the headroom (data tiles/s / step images/s: > 1 means the data keeps up), the
@@ -70,6 +71,8 @@ from tile_store import datasets, read_pass, sample_pass
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+#: Distinct in-memory batches the step (e) goes through (an epoch's worth when it has fewer; 32 x 3.4 MB by default).
+MAX_STEP_BATCHES = 32
 #: ``num_workers`` of the DataLoader rows (d) and (f).
 WORKERS = (0, 1, 2)
 
@@ -241,7 +244,9 @@ def bench(kind: str, root: Path, split: str, args: argparse.Namespace, work: Pat
 
     loaders = {(source, w): make_loader(reader, args.batch_size, w, args.seed)
                for source, reader in samples.items() for w in WORKERS}
-    batches = list(itertools.islice(loaders[("store float16", 0)], 4))  # real batches for the step
+    # Real batches for the step: an epoch's worth (at most MAX_STEP_BATCHES), each stepped once per pass, so (e)
+    # is the steps of an epoch without its loading.
+    batches = list(itertools.islice(loaders[("store float16", 0)], MAX_STEP_BATCHES))
     steps = max(args.steps, len(loaders[("store float16", 0)]))
     measures = [Measure("(a) read_image+read_mask", "files", timed(read_pass, files)),
                 Measure("(b) read_image+read_mask", "store float16", timed(read_pass, store))]
