@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.data.test_folder import make_folder
 from weakseg.data import open_dataset
+from weakseg.data.base import shared_tiles
 from weakseg.data.splits import HOLDOUT_SEED, holdout_ids, parse_split, part_indices
 from weakseg.errors import DataError
 
@@ -163,3 +165,23 @@ def test_a_one_tile_folder_split_cannot_be_divided(tmp_path) -> None:
     assert open_dataset("folder", root, "one").ids == ["tile_001"]
     with pytest.raises(DataError, match="1 tile\\(s\\) cannot be divided"):
         open_dataset("folder", root, "one:holdout")
+
+
+# ---- tiles shared by two readers -----------------------------------------------------------------------------
+def test_shared_tiles_compares_files_not_ids(tiny_dfc: Path) -> None:
+    train = open_dataset("dfc2020", tiny_dfc, "validation")
+    test = open_dataset("dfc2020", tiny_dfc, "test")
+    holdout = open_dataset("dfc2020", tiny_dfc, "validation:holdout")
+
+    class Renamed:  # the test files under the training split's ids
+        ids = train.ids[: len(test.ids)]
+
+        def source_path(self, i: int) -> Path:
+            return test.source_path(i)
+
+    assert shared_tiles(train, Renamed()) == []
+    assert shared_tiles(train, test) == []
+    assert shared_tiles(train, train) == train.ids
+    assert len(shared_tiles(train, train)) == len(train.ids)
+    assert shared_tiles(train, holdout) == holdout.ids  # a part of the split: its own ids, in its order
+    assert shared_tiles(open_dataset("dfc2020", tiny_dfc, "validation:train"), holdout) == []

@@ -779,18 +779,3 @@ def test_eval_split_of_training_tiles_is_warned_and_counted(
     assert json.loads((out / "summary.json").read_text())["eval_tiles_in_training"] == 8
     assert any(expected in r.getMessage() for r in caplog.records)
     assert f"warning: {expected}" in capsys.readouterr().out
-
-
-def test_shared_tiles_compares_files_not_ids(data_root: Path) -> None:
-    train = open_dataset("dfc2020", data_root, "validation")
-    test = open_dataset("dfc2020", data_root, "test")
-
-    class Renamed:  # the test files under the training split's ids
-        ids = train.ids[: len(test.ids)]
-
-        def source_path(self, i: int) -> Path:
-            return test.source_path(i)
-
-    assert refine_module.shared_tiles(train, Renamed()) == 0
-    assert refine_module.shared_tiles(train, test) == 0
-    assert refine_module.shared_tiles(train, train) == len(train.ids)

@@ -15,6 +15,7 @@ normalisation) is filled like ``Normalize('none')`` does, so a sample's image is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,18 @@ def ignore_invalid(sample: dict[str, Any]) -> dict[str, Any]:
     if valid is not None and mask is not None and valid.shape == mask.shape and not all_true(valid):
         out["mask"] = mask.masked_fill(~valid, IGNORE_INDEX)
     return out
+
+
+def shared_tiles(reader: Any, other: Any) -> list[str]:
+    """Ids of the tiles of ``other`` that are tiles of ``reader`` too: the same image file.
+
+    Why: a validation or evaluation split must not hold training tiles (``weakseg train`` refuses one,
+    ``weakseg refine`` warns). Files, not ids, are compared: two folders of a dataset may use the same tile names
+    for different images, while ``<split>:train`` and ``<split>:holdout`` of one split share files exactly when
+    they share tiles.
+    """
+    files = {os.path.abspath(reader.source_path(i)) for i in range(len(reader.ids))}
+    return [tid for i, tid in enumerate(other.ids) if os.path.abspath(other.source_path(i)) in files]
 
 
 class TileDataset(torch.utils.data.Dataset):

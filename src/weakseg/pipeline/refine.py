@@ -78,6 +78,7 @@ from torch.utils.data import DataLoader
 
 from weakseg.config import save_resolved
 from weakseg.data import open_dataset
+from weakseg.data.base import shared_tiles
 from weakseg.data.datamodule import build_transform
 from weakseg.data.normalization import NORMALIZATION_MODES, compute_band_stats
 from weakseg.data.targets import TargetMasks, TargetTiles, load_targets
@@ -325,17 +326,6 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def shared_tiles(train_reader: Any, eval_reader: Any) -> int:
-    """How many tiles of ``eval_reader`` are tiles of ``train_reader`` (the same image file).
-
-    Why: ``--eval_split`` is there to score the UNet on tiles it was not trained on; naming the training split
-    itself (or a part of it) gives training-tile scores under a held-out label. Files, not ids, are compared: two
-    folders of a dataset may use the same tile names for different images.
-    """
-    train_files = {os.path.abspath(train_reader.source_path(i)) for i in range(len(train_reader.ids))}
-    return sum(os.path.abspath(eval_reader.source_path(i)) in train_files for i in range(len(eval_reader.ids)))
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 class _Context:
     """What every stage shares: readers, tile geometry, the data config and the output folder."""
@@ -356,7 +346,8 @@ class _Context:
                     f"{cfg.split!r} have {self.channels}"
                 )
         #: Tiles of the eval split that are training tiles too: its scores are then not held out.
-        self.eval_overlap = shared_tiles(self.train_reader, self.eval_reader) if self.eval_reader is not None else 0
+        self.eval_overlap = (len(shared_tiles(self.train_reader, self.eval_reader))
+                             if self.eval_reader is not None else 0)
         if self.eval_overlap and _is_rank_zero():
             log.warning("warning: %s", self.overlap_message())
         band_stats = cfg.band_stats
@@ -753,8 +744,8 @@ def refine(cfg: RefineConfig, verbose: bool = True) -> dict[str, Any]:
         The summary, also written to ``output_dir/summary.json`` (merged with the other mode's results when
         the same folder holds both): ``output_dir``, ``split``, ``eval_split``, ``has_ground_truth``,
         ``eval_has_ground_truth``, ``eval_tiles_in_training`` (tiles of ``eval_split`` that are training tiles:
-        0 for a held-out split, warned about otherwise), ``iterations`` (one entry per iteration 0..N: ``iteration``, ``masks``,
-        ``eval_masks``, ``train_scores`` and ``eval_scores`` as ``{miou, oa, aa, coverage}`` or None,
+        0 for a held-out split, warned about otherwise), ``iterations`` (one entry per iteration 0..N:
+        ``iteration``, ``masks``, ``eval_masks``, ``train_scores`` and ``eval_scores`` as ``{miou, oa, aa, coverage}`` or None,
         ``train_loss``, ``train_seconds``, ``predict_seconds``, ``ignored_fraction`` (share of the target
         pixels the loss ignored: unlabelled or below ``min_confidence``; None for iteration 0),
         ``low_confidence_fraction`` (the part below ``min_confidence``), ``resumed``), ``final_masks`` (the

@@ -442,6 +442,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from weakseg.data.base import shared_tiles
     from weakseg.data.datamodule import WeakSegDataModule
     from weakseg.models.architectures import get_architecture
     from weakseg.pipeline.progress import EpochLog, csv_logger, show_progress_bar
@@ -497,11 +498,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     dm.prepare_stats()
     reader = dm.open(train_split, "val")
     if val_split is not None:
-        overlap = set(reader.ids) & set(dm.open(val_split, "val").ids)
+        overlap = shared_tiles(reader, dm.open(val_split, "val"))
         if overlap:
             raise ConfigError(
                 f"--val_split {val_split!r} shares {len(overlap)} tile(s) with --train_split {train_split!r} (e.g. "
-                f"{sorted(overlap)[0]!r}): checkpoint selection would see training tiles. Use '<split>:train' and "
+                f"{min(overlap)!r}): checkpoint selection would see training tiles. Use '<split>:train' and "
                 "'<split>:holdout' (the default) or two different splits"
             )
     task = build_classifier_task(cfg, arch, int(reader.read_image(0).shape[0]), list(reader.class_names),
